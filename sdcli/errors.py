@@ -1,0 +1,17 @@
+"""Typed errors: library code raises these; only the CLI turns them into a stderr line and an exit code."""
+
+
+class SdcliError(Exception):
+    """Base of every error that is the user's to fix (bad input, missing files) rather than a bug."""
+
+
+class ConfigError(SdcliError):
+    """A model config is missing, malformed or names an unknown key or value."""
+
+
+class CheckpointError(SdcliError):
+    """A weights file is missing, unreadable, truncated, or does not fit the config."""
+
+
+class RequestError(SdcliError):
+    """A generation request has a bad value (size, steps, sampler, ...)."""

@@ -1,0 +1,196 @@
+"""Samplers against diffusers' schedulers (the oracle), run the way StableDiffusionPipeline runs them, and laws."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+)
+
+from sdcli.config import SAMPLERS, ScheduleConfig, load_config
+from sdcli.errors import RequestError
+from sdcli.samplers import evaluations, sample, vp_coefficients
+from sdcli.schedules import dpm_sigmas, leading_alpha_bars, linspace_sigmas
+
+REFERENCE = {
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+}
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notices raised inside diffusers
+SCHEDULES = {"epsilon": load_config("sd15").schedule, "v_prediction": load_config("sd21-v").schedule}
+# Every sampler but lms agrees bit for bit; lms differs by ~4e-7 because diffusers integrates its coefficients
+# with scipy.quad over a float32 integrand, where we integrate the polynomial exactly.
+RTOL = 1e-5
+
+
+def smooth(x, t):
+    """A toy network: smooth, non-constant, and dependent on t."""
+    return 0.3 * x * torch.cos(t / 300) + 0.1 * torch.sin(x)
+
+
+def flat(x, t):
+    """A toy network that ignores t."""
+    return 0.2 * x + 0.05 * torch.tanh(x)
+
+
+def reference_scheduler(sampler: str, schedule: ScheduleConfig):
+    cls, extra = REFERENCE[sampler]
+    sd_config = {**dataclasses.asdict(schedule), "skip_prk_steps": True, "trained_betas": None}
+    return cls.from_config({**sd_config, **extra})
+
+
+def run_diffusers(sampler, schedule, steps, noise, seeds, net):
+    """StableDiffusionPipeline's loop (guidance lives in `net`); returns latents and the t values the net saw."""
+    scheduler = reference_scheduler(sampler, schedule)
+    scheduler.set_timesteps(steps)
+    x = noise * scheduler.init_noise_sigma
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    extra = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    seen = []
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t)
+        seen.append(t.to(torch.float32))  # what a U-Net's timestep embedding reads
+        x = scheduler.step(net(x_in, seen[-1]), t, x, **extra, return_dict=False)[0]
+    return x, torch.stack(seen)
+
+
+def run_sdcli(sampler, schedule, steps, noise, seeds, net):
+    seen, progress = [], []
+
+    def model(x_in, t):
+        assert t.dim() == 0 and t.dtype == torch.float32
+        seen.append(t)
+        return net(x_in, t)
+
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    x = sample(sampler, model, noise, steps, schedule, generators, on_step=lambda i, n: progress.append((i, n)))
+    return x, torch.stack(seen), progress
+
+
+def assert_close(actual, expected):
+    assert (actual - expected).abs().max() <= RTOL * expected.abs().max()
+
+
+def test_every_sampler_has_a_reference():
+    assert set(REFERENCE) == set(SAMPLERS)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 7, 25])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_matches_diffusers(sampler, prediction, steps):
+    torch.manual_seed(0)
+    noise = torch.randn(2, 4, 8, 8)
+    for net in (smooth, flat):
+        expected, expected_t = run_diffusers(sampler, SCHEDULES[prediction], steps, noise, [11, 12], net)
+        actual, actual_t, _ = run_sdcli(sampler, SCHEDULES[prediction], steps, noise, [11, 12], net)
+        assert torch.equal(actual_t, expected_t)
+        assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_progress_counts_network_evaluations(sampler):
+    torch.manual_seed(0)
+    noise = torch.randn(1, 4, 4, 4)
+    for steps in (1, 2, 5):
+        _, seen, progress = run_sdcli(sampler, SCHEDULES["epsilon"], steps, noise, [0], smooth)
+        scheduler = reference_scheduler(sampler, SCHEDULES["epsilon"])
+        scheduler.set_timesteps(steps)
+        n = len(scheduler.timesteps)
+        assert evaluations(sampler, steps) == n == len(seen)
+        assert progress == [(i, n) for i in range(1, n + 1)]
+
+
+def test_schedules_equal_diffusers_tables():
+    schedule = SCHEDULES["epsilon"]
+    for steps in [*range(1, 61), 100, 250, 500, 999]:
+        euler = reference_scheduler("euler", schedule)
+        euler.set_timesteps(steps)
+        timesteps, sigmas = linspace_sigmas(steps, schedule)
+        assert torch.equal(timesteps, euler.timesteps) and torch.equal(sigmas, euler.sigmas)
+        for sampler in ("dpmpp_2m", "dpmpp_2m_karras"):
+            dpm = reference_scheduler(sampler, schedule)
+            dpm.set_timesteps(steps)
+            timesteps, sigmas = dpm_sigmas(steps, schedule, karras=sampler == "dpmpp_2m_karras")
+            assert torch.equal(timesteps, dpm.timesteps.float()) and torch.equal(sigmas, dpm.sigmas)
+        ddim = reference_scheduler("ddim", schedule)
+        ddim.set_timesteps(steps)
+        timesteps, alpha_bars = leading_alpha_bars(steps, schedule)
+        assert torch.equal(timesteps, ddim.timesteps.float())
+        assert torch.equal(torch.stack(alpha_bars[:-1]), ddim.alphas_cumprod[ddim.timesteps])
+
+
+def noise_levels(sampler: str, steps: int, schedule: ScheduleConfig) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
+    """t -> (alpha, sigma_vp) of the sampler's own schedule, so a toy network can know its noise level."""
+    if sampler in ("ddim", "pndm"):
+        timesteps, alpha_bars = leading_alpha_bars(steps, schedule)
+        return {t: (ab**0.5, (1 - ab) ** 0.5) for t, ab in zip(timesteps.tolist(), alpha_bars)}
+    if sampler.startswith("dpmpp"):
+        timesteps, sigmas = dpm_sigmas(steps, schedule, karras=sampler.endswith("karras"))
+    else:
+        timesteps, sigmas = linspace_sigmas(steps, schedule)
+    return {t: vp_coefficients(sigma) for t, sigma in zip(timesteps.tolist(), sigmas)}
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_constant_denoiser_lands_on_it(sampler, prediction):
+    # set_alpha_to_one makes DDIM/PNDM end at alpha-bar = 1 (no noise left); the others end at sigma = 0 anyway
+    schedule = dataclasses.replace(SCHEDULES[prediction], set_alpha_to_one=True)
+    if sampler == "pndm" and prediction == "v_prediction":
+        pytest.skip("diffusers' PNDM mixes raw v outputs of different t, so it only approximates the ODE here")
+    torch.manual_seed(0)
+    c = torch.randn(1, 4, 4, 4)
+    steps = 7
+    levels = noise_levels(sampler, steps, schedule)
+
+    def constant(x_in, t):
+        alpha, sigma = levels[t.item()]
+        eps = (x_in - alpha * c) / sigma
+        return eps if prediction == "epsilon" else alpha * eps - sigma * c
+
+    x = sample(sampler, constant, torch.randn(1, 4, 4, 4), steps, schedule, [torch.Generator().manual_seed(1)])
+    torch.testing.assert_close(x, c, rtol=0, atol=1e-5 * c.abs().max().item())
+
+
+def test_euler_a_images_follow_their_own_generator():
+    torch.manual_seed(0)
+    noise = torch.randn(2, 4, 8, 8)
+    schedule = SCHEDULES["epsilon"]
+    pair, _, _ = run_sdcli("euler_a", schedule, 7, noise, [5, 6], smooth)
+    first, _, _ = run_sdcli("euler_a", schedule, 7, noise[:1], [5], smooth)
+    second, _, _ = run_sdcli("euler_a", schedule, 7, noise[1:], [6], smooth)
+    assert torch.equal(pair[:1], first) and torch.equal(pair[1:], second)
+    reference, _ = run_diffusers("euler_a", schedule, 7, noise[:1], [5], smooth)
+    assert_close(first, reference)
+    reseeded, _, _ = run_sdcli("euler_a", schedule, 7, noise[:1], [7], smooth)
+    assert not torch.allclose(reseeded, first)
+
+
+def test_bad_requests_are_refused():
+    noise = torch.randn(1, 4, 4, 4)
+    gens = [torch.Generator().manual_seed(0)]
+    with pytest.raises(RequestError, match="dpmpp_2m_karras"):
+        sample("euler_ancestral", smooth, noise, 5, SCHEDULES["epsilon"], gens)
+    for steps in (0, 1001):
+        with pytest.raises(RequestError, match="steps"):
+            sample("euler", smooth, noise, steps, SCHEDULES["epsilon"], gens)
+    # "leading" spacing with steps_offset 1 would start at t = 1000, past the table (diffusers: IndexError)
+    with pytest.raises(RequestError, match="steps"):
+        sample("ddim", smooth, noise, 1000, SCHEDULES["epsilon"], gens)

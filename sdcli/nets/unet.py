@@ -1,0 +1,253 @@
+"""The LDM U-Net with spatial-transformer cross-attention (Rombach et al. 2022, "High-Resolution Image
+Synthesis with Latent Diffusion Models"), named as the CompVis/Stability checkpoints store it under
+`model.diffusion_model.`, so those weights load by stripping the prefix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdcli.config import UNetConfig
+from sdcli.errors import ConfigError
+from sdcli.nets.layers import Upsample, attention
+
+# Fixed by the LDM architecture itself rather than by a model family, so they are not config fields.
+TIME_EMBED_MULT = 4  # timestep embedding width over model_channels
+FF_MULT = 4  # transformer feed-forward hidden width over its input width
+MAX_PERIOD = 10000.0  # longest sinusoid period of the timestep embedding
+RES_NORM_EPS = 1e-5  # GroupNorm eps of the res blocks and the output head
+TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm eps in front of each spatial transformer
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, cosines first (Vaswani et al. 2017)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, dim)
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with the timestep embedding added in between (Ho et al. 2020)."""
+
+    def __init__(self, channels: int, out_channels: int, emb_channels: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, channels, eps=RES_NORM_EPS), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(groups, out_channels, eps=RES_NORM_EPS),
+            nn.SiLU(),
+            nn.Identity(),  # the training-time dropout's slot, which keeps the conv at checkpoint index 3
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of tokens over `context` (themselves when None)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))  # to_out.1 was a dropout
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+class GEGLU(nn.Module):
+    """GELU-gated linear unit (Shazeer 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """The transformer MLP: GEGLU up, linear down."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, FF_MULT * dim), nn.Identity(), nn.Linear(FF_MULT * dim, dim))  # .1: dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text, then feed-forward, each residual."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer blocks over the pixels of a feature map, as a residual (the LDM's cross-attention)."""
+
+    def __init__(self, channels: int, cfg: UNetConfig):
+        super().__init__()
+        heads = cfg.heads_at(channels)
+        self.linear_proj = cfg.linear_proj
+        self.norm = nn.GroupNorm(cfg.norm_groups, channels, eps=TRANSFORMER_NORM_EPS)
+        # SD 1.x projects with 1x1 convs before flattening, SD 2.x with linears after
+        self.proj_in = nn.Linear(channels, channels) if cfg.linear_proj else nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(channels, cfg.context_dim, heads) for _ in range(cfg.transformer_depth)
+        )
+        self.proj_out = nn.Linear(channels, channels) if cfg.linear_proj else nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        y = self.norm(x)
+        if not self.linear_proj:
+            y = self.proj_in(y)
+        y = y.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        if self.linear_proj:
+            y = self.proj_in(y)
+        for block in self.transformer_blocks:
+            y = block(y, context)
+        if self.linear_proj:
+            y = self.proj_out(y)
+        y = y.transpose(1, 2).unflatten(2, (h, w))  # (B, C, h, w)
+        if not self.linear_proj:
+            y = self.proj_out(y)
+        return x + y
+
+
+class Downsample(nn.Module):
+    """A stride-2 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Stage(nn.Sequential):
+    """One entry of input_blocks/middle_block/output_blocks: each layer gets the inputs it needs."""
+
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, size: torch.Size | None = None
+    ) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+def _check(cfg: UNetConfig) -> None:
+    """Reject widths that the norm groups or the attention heads do not divide."""
+    split, name = (cfg.num_heads, "num_heads") if cfg.num_heads is not None else (cfg.head_dim, "head_dim")
+    last = len(cfg.channel_mult) - 1
+    for level, mult in enumerate(cfg.channel_mult):
+        channels = cfg.model_channels * mult
+        if channels % cfg.norm_groups:
+            raise ConfigError(
+                f"unet: level {level} has {channels} channels, not divisible by norm_groups {cfg.norm_groups}"
+            )
+        # the middle block attends at the last level whether or not attention_levels names it
+        if (level in cfg.attention_levels or level == last) and channels % split:
+            raise ConfigError(f"unet: level {level} has {channels} channels, not divisible by {name} {split}")
+
+
+class UNet(nn.Module):
+    """The noise (or v) predictor: (B,C,h,w) latents, (B,) timesteps, (B,T,D) text -> (B,C_out,h,w)."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        _check(cfg)
+        self.model_channels = cfg.model_channels
+        emb_channels = TIME_EMBED_MULT * cfg.model_channels
+        self.time_embed = nn.Sequential(
+            nn.Linear(cfg.model_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+        )
+
+        def res(channels: int, out_channels: int) -> ResBlock:
+            return ResBlock(channels, out_channels, emb_channels, cfg.norm_groups)
+
+        ch = cfg.model_channels
+        self.input_blocks = nn.ModuleList([Stage(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
+        skip_channels = [ch]
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res(ch, mult * cfg.model_channels)]
+                ch = mult * cfg.model_channels
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(ch, cfg))
+                self.input_blocks.append(Stage(*layers))
+                skip_channels.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(Stage(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = Stage(res(ch, ch), SpatialTransformer(ch, cfg), res(ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mult * cfg.model_channels)]
+                ch = mult * cfg.model_channels
+                if level in cfg.attention_levels:
+                    layers.append(SpatialTransformer(ch, cfg))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(Stage(*layers))
+
+        self.out = nn.Sequential(
+            nn.GroupNorm(cfg.norm_groups, ch, eps=RES_NORM_EPS),
+            nn.SiLU(),
+            nn.Conv2d(ch, cfg.out_channels, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Predict from latents `x` at `timesteps` (one per sample, or one for all) given text `context`."""
+        t = timesteps.reshape(-1).expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
+        skips = []
+        h = x
+        for stage in self.input_blocks:
+            h = stage(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for stage in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)
+            # an upsampling stage aims at the next skip's size, so odd sizes come back exactly
+            h = stage(h, emb, context, skips[-1].shape[-2:] if skips else None)
+        return self.out(h)

@@ -1,0 +1,91 @@
+"""Single-file checkpoints: validated opening, the format facts, and refusal of pickles.
+
+A .safetensors file is an 8-byte little-endian header length, a JSON header naming every tensor's dtype,
+shape and byte range, then the data. Reading the header ourselves lets a truncated or corrupt file fail
+with a clear message before any tensor is touched; the tensors themselves are read through safetensors'
+memory map, one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdcli.errors import CheckpointError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIXES = {
+    "hf_clip": "cond_stage_model.transformer.text_model.",  # SD 1.x: HuggingFace CLIPTextModel names
+    "open_clip": "cond_stage_model.model.",  # SD 2.x: OpenCLIP names
+}
+HEADER_LIMIT = 100 * 2**20  # safetensors refuses headers over 100 MB too
+SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives in the file and what it is."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Validate a .safetensors file's header against its size and return its tensor table."""
+    if not path.exists():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
+        raise CheckpointError(
+            f"{path}: pickle checkpoints can run code when loaded and are not read; convert it to .safetensors"
+        )
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (length,) = struct.unpack("<Q", head)
+            if length > HEADER_LIMIT or 8 + length > size:
+                raise CheckpointError(f"{path}: not a safetensors file, or its header is corrupt or truncated")
+            raw = f.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read weights: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header")
+    header.pop("__metadata__", None)
+    table: dict[str, TensorInfo] = {}
+    data_end = 0
+    for key, entry in header.items():
+        try:
+            dtype, shape, (start, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            count = 1
+            for dim in shape:
+                count *= dim
+            if dtype not in SAFETENSORS_DTYPES or end - start != count * SAFETENSORS_DTYPES[dtype]:
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for '{key}'") from None
+        table[key] = TensorInfo(dtype, shape)
+        data_end = max(data_end, end)
+    if 8 + length + data_end > size:
+        missing = 8 + length + data_end - size
+        raise CheckpointError(f"{path}: file is truncated ({missing} bytes missing); download it again")
+    return table
+
+
+def describe_family(keys) -> str | None:
+    """A human name for the checkpoint family, from which text-encoder layout the keys use."""
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "an SDXL checkpoint"
+    if any(k.startswith(TEXT_PREFIXES["open_clip"]) for k in keys):
+        return "an SD 2.x checkpoint (OpenCLIP text encoder): try --config sd21-v or sd21-base"
+    if any(k.startswith(TEXT_PREFIXES["hf_clip"]) for k in keys):
+        return "an SD 1.x checkpoint (CLIP ViT-L text encoder): try --config sd15"
+    return None

@@ -120,21 +120,21 @@ class ModelConfig:
     source: Path | None = field(default=None, compare=False)  # the YAML file it came from
 
     def resolve_weights(self, override: str | os.PathLike | None = None) -> Path:
-        """The weights file: `override` or the config's path; relative ones are looked up in the current
-        directory, $SDCLI_WEIGHTS_DIR, the config's own folder, then the sdcli package (bundled assets)."""
+        """The weights file: `override` or the config's path. A relative path is looked up in the current
+        directory, in $SDCLI_WEIGHTS_DIR (by path, then by file name), beside the config file and one folder
+        up (so a bundled config finds the repository's weights/), then in the sdcli package (bundled assets).
+        When none exists, the first place is returned so the error names it."""
         raw = Path(override if override is not None else self.weights).expanduser()
         if raw.is_absolute():
             return raw
-        places = [Path.cwd()]
+        candidates = [Path.cwd() / raw]
         if os.environ.get("SDCLI_WEIGHTS_DIR"):
-            places.append(Path(os.environ["SDCLI_WEIGHTS_DIR"]).expanduser())
+            store = Path(os.environ["SDCLI_WEIGHTS_DIR"]).expanduser()
+            candidates += [store / raw, store / raw.name]
         if self.source is not None and override is None:
-            places.append(self.source.parent)
-        places.append(Path(__file__).resolve().parent)
-        for place in places:
-            if (place / raw).exists():
-                return place / raw
-        return places[0] / raw
+            candidates += [self.source.parent / raw, self.source.parent.parent / raw]
+        candidates.append(Path(__file__).resolve().parent / raw)
+        return next((c for c in candidates if c.exists()), candidates[0])
 
 
 def bundled_config_dir() -> Path:

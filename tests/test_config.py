@@ -119,3 +119,24 @@ def test_weights_resolution_order(tmp_path, monkeypatch):
     monkeypatch.setenv("SDCLI_WEIGHTS_DIR", str(store))
     assert config.resolve_weights() == store / config.weights
     assert config.resolve_weights("/abs/file.safetensors") == Path("/abs/file.safetensors")
+
+
+def test_config_finds_the_weights_folder_beside_its_configs_folder(tmp_path, monkeypatch):
+    """As a bundled config in configs/ finds the repository's weights/ from any working directory."""
+    (tmp_path / "repo" / "configs").mkdir(parents=True)
+    (tmp_path / "repo" / "weights").mkdir()
+    (tmp_path / "repo" / "weights" / "w.safetensors").write_bytes(b"")
+    source = tmp_path / "repo" / "configs" / "m.yaml"
+    source.write_text(_yaml(**{"weights/v1-5-pruned-emaonly.safetensors": "weights/w.safetensors"}))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert load_config(str(source)).resolve_weights() == tmp_path / "repo" / "weights" / "w.safetensors"
+
+
+def test_weights_dir_holds_files_by_name(tmp_path, monkeypatch):
+    config = load_config("sd15")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / Path(config.weights).name).write_bytes(b"")
+    monkeypatch.setenv("SDCLI_WEIGHTS_DIR", str(tmp_path / "flat"))
+    assert config.resolve_weights() == tmp_path / "flat" / Path(config.weights).name

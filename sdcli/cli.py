@@ -1,11 +1,13 @@
 """The sdcli command line: options and commands; the work lives in jobs, outputs and the pipeline.
 
 torch is imported inside command bodies only, so `--help` and every bad-input check answer at once.
-Exit codes: 0 done, 1 runtime failure, 2 usage or bad input, 130 interrupted (SIGINT), 143 SIGTERM.
+Exit codes: 0 done, 1 runtime failure or a failed image, 2 usage or bad input, 130 interrupted (SIGINT),
+143 SIGTERM.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -25,9 +27,11 @@ import typer
 from typer.core import TyperGroup
 
 from sdcli import __version__
+from sdcli.checkpoint import check_pickle_allowed
 from sdcli.config import SAMPLERS, ModelConfig, bundled_config_names, load_config, user_config_dir
+from sdcli.distributed import current_shard, shard_device, share
 from sdcli.errors import CheckpointError, ConfigError, RequestError, SdcliError
-from sdcli.jobs import Item, Planned, Target, batches, derived_seed, next_index, place, plan, read_items
+from sdcli.jobs import MAX_COUNT, Item, Planned, Target, batches, derived_seed, next_index, place, plan, read_items
 from sdcli.outputs import (
     DEFAULT_NAME,
     NAME_FIELDS,
@@ -58,6 +62,7 @@ SAMPLER_NOTES = {
     "dpmpp_2m_karras": "DPM-Solver++(2M), Karras sigmas; the same with use_karras_sigmas=True",
 }
 EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_SIGINT, EXIT_SIGTERM = 2, 1, 130, 143
+NON_FINITE = "the image came out NaN or infinite (a numeric overflow)"
 
 
 class Terminated(BaseException):
@@ -101,7 +106,8 @@ def _exit_code(call) -> int:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"sdcli: error: {message}", file=sys.stderr, flush=True)
+    one_line = message.strip().replace("\r", "\\r").replace("\n", "\\n")  # user text may hold line breaks
+    print(f"sdcli: error: {one_line}", file=sys.stderr, flush=True)
     return code
 
 
@@ -146,7 +152,9 @@ Guidance = Annotated[
 Sampler = Annotated[str | None, typer.Option(metavar="NAME", help=f"One of {', '.join(SAMPLERS)}. {CONFIGS}")]
 Width = Annotated[int | None, typer.Option("--width", "-W", metavar="PX", help=f"Width, a multiple of 8. {CONFIGS}")]
 Height = Annotated[int | None, typer.Option("--height", "-H", metavar="PX", help=f"Height, a multiple of 8. {CONFIGS}")]
-Count = Annotated[int | None, typer.Option("--count", "-N", metavar="N", min=1, help="Images per prompt. [default: 1]")]
+Count = Annotated[
+    int | None, typer.Option("--count", "-N", metavar="N", min=1, max=MAX_COUNT, help="Images per prompt. [default: 1]")
+]
 Config = Annotated[
     str | None,
     typer.Option(
@@ -175,6 +183,15 @@ BatchSize = Annotated[
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace files of the same name (else never).")]
 Json = Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors (and --json lines) are printed.")]
+FailFast = Annotated[
+    bool, typer.Option("--fail-fast", help="Stop at the first image that fails (else report it and go on).")
+]
+AllowPickle = Annotated[
+    bool,
+    typer.Option(
+        "--allow-pickle", help="Read .ckpt/.pt weights (pickles) with torch's restricted weights-only loader."
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -190,9 +207,13 @@ class Run:
     overwrite: bool
     json: bool
     quiet: bool
+    fail_fast: bool
+    allow_pickle: bool
 
 
-def _run_settings(config, weights, device, dtype, out, name, batch_size, overwrite, json_out, quiet) -> Run:
+def _run_settings(
+    config, weights, device, dtype, out, name, batch_size, overwrite, json_out, quiet, fail_fast, allow_pickle
+) -> Run:
     """Check what can be checked without the model, so a typo fails before a multi-GB load."""
     if device is not None and not DEVICE_PATTERN.fullmatch(device):
         raise RequestError(f"--device '{device}': expected auto, cpu, cuda, cuda:N or mps")
@@ -201,7 +222,7 @@ def _run_settings(config, weights, device, dtype, out, name, batch_size, overwri
     return Run(
         config=config or DEFAULT_CONFIG, weights=weights, device=device or "auto",
         dtype=dtype.value if dtype else "auto", out=out, batch_size=batch_size, overwrite=overwrite,
-        json=json_out, quiet=quiet,
+        json=json_out, quiet=quiet, fail_fast=fail_fast, allow_pickle=allow_pickle,
     )  # fmt: skip
 
 
@@ -238,6 +259,8 @@ def generate(
     overwrite: Overwrite = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    fail_fast: FailFast = False,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Render images of PROMPT (or re-render one with --from) into PNG files with JSON sidecars."""
     values = _given(
@@ -262,7 +285,9 @@ def generate(
         raise RequestError("give a PROMPT, or --from IMAGE.png to re-render one (see 'sdcli generate --help')")
     if not values["prompt"].strip():
         raise RequestError("the prompt is empty")
-    run = _run_settings(config, weights, device, dtype, out, name, batch_size, overwrite, json_out, quiet)
+    run = _run_settings(
+        config, weights, device, dtype, out, name, batch_size, overwrite, json_out, quiet, fail_fast, allow_pickle
+    )
     model = load_config(run.config)
     first = next_index(run.out)
     items = [Item("", 0, values)]
@@ -313,9 +338,21 @@ def batch(
     overwrite: Overwrite = False,
     json_out: Json = False,
     quiet: Quiet = False,
+    fail_fast: FailFast = False,
+    allow_pickle: AllowPickle = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            metavar="I/N",
+            help="Render only share I of N (0 <= I < N), e.g. for Slurm arrays; under torchrun, ranks share it.",
+        ),
+    ] = None,
 ) -> None:
     """Render every prompt of FILE (items may override the options); a rerun skips finished images."""
-    run = _run_settings(config, weights, device, dtype, out, name, batch_size, overwrite, json_out, quiet)
+    run = _run_settings(
+        config, weights, device, dtype, out, name, batch_size, overwrite, json_out, quiet, fail_fast, allow_pickle
+    )
+    part = current_shard(shard)
     items = read_items(file)
     model = load_config(run.config)
     options = _given(
@@ -329,12 +366,20 @@ def batch(
         count=count,
         name=name,
     )
-    planned = plan(items, options, model, seed_for=derived_seed)
-    _render(run, model, planned, resume=True)
+    planned = share(plan(items, options, model, seed_for=derived_seed), part, run.batch_size or BATCH_SIZE)
+    run = dataclasses.replace(run, device=shard_device(run.device, part))
+    _render(run, model, planned, resume=True, label=part.label if part.count > 1 else "")
 
 
 def _render(
-    run: Run, model: ModelConfig, planned: list[Planned], *, resume: bool, recorded=None, source: str = ""
+    run: Run,
+    model: ModelConfig,
+    planned: list[Planned],
+    *,
+    resume: bool,
+    recorded=None,
+    source: str = "",
+    label: str = "",
 ) -> None:
     """Place the planned images, skip the complete ones, load the model only if work is left, render."""
     from sdcli.hashing import cached_sha256, sha256_file
@@ -343,9 +388,11 @@ def _render(
     if not weights.is_file():
         hint = "" if run.weights else f" (config '{model.name}'; put the file there or pass --weights)"
         raise CheckpointError(f"weights file not found: {weights}{hint}")
+    check_pickle_allowed(weights, run.allow_pickle)
     prepare_folder(run.out)
     remove_stale_temps(run.out)
-    with Reporter(quiet=run.quiet) as reporter, _warnings_to(reporter), _sigterm_raises():
+    with Reporter(quiet=run.quiet, label=label) as reporter, _warnings_to(reporter), _sigterm_raises():
+        stamp = _stamp(weights)
         if cached_sha256(weights) is None:
             reporter.info(f"hashing {weights} (once per file)")
         sha = sha256_file(weights)
@@ -361,72 +408,101 @@ def _render(
         reporter.begin(len(todo))
         try:
             if todo:
-                _render_targets(run, model, weights, sha, todo, reporter)
-        except KeyboardInterrupt:
-            reporter.summary(len(todo) - reporter.written, interrupted="interrupted")
-            raise
-        except Terminated:
-            reporter.summary(len(todo) - reporter.written, interrupted="terminated")
+                pipe = _load_pipeline(run, model, weights, reporter)
+                if _stamp(weights) != stamp:
+                    raise CheckpointError(
+                        f"{weights} changed or vanished while it was being read; run again once it is complete"
+                    )
+                _render_targets(run, pipe, sha, todo, reporter)
+        except (KeyboardInterrupt, Terminated) as exc:
+            how = "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated"
+            reporter.summary(len(todo) - reporter.written - reporter.failed, interrupted=how)
             raise
         except SdcliError:
-            if reporter.written:
-                reporter.summary(len(todo) - reporter.written, interrupted="stopped")
+            if reporter.written or reporter.failed:
+                reporter.summary(len(todo) - reporter.written - reporter.failed, interrupted="stopped")
             raise
         reporter.summary()
+    if reporter.failed:
+        raise SdcliError(f"{reporter.failed} of {len(todo)} images failed; the 'failed:' lines above say why")
 
 
-def _render_targets(
-    run: Run, model: ModelConfig, weights: Path, sha: str, todo: list[Target], reporter: Reporter
-) -> None:
-    """Load the model once and render the targets in U-Net batches, halving a batch that runs out of memory."""
-    import torch
+def _stamp(weights: Path) -> list[int] | None:
+    """Size and modification time of the weights, None when the file is gone."""
+    from sdcli.hashing import file_stamp
 
+    try:
+        return file_stamp(weights)
+    except OSError:
+        return None
+
+
+def _load_pipeline(run: Run, model: ModelConfig, weights: Path, reporter: Reporter):
+    """The model on its device; a pickle checkpoint only with --allow-pickle."""
     from sdcli.pipeline import Pipeline
 
     reporter.info(f"loading {model.name} from {weights}")
     try:
-        pipe = Pipeline.load(model, weights, device=run.device, dtype=run.dtype)
+        return Pipeline.load(model, weights, device=run.device, dtype=run.dtype, allow_pickle=run.allow_pickle)
     except RequestError as exc:  # a device this machine lacks, perhaps recorded by --from's image
         raise RequestError(f"{exc}; choose another with --device") from None
-    limit = run.batch_size or BATCH_SIZE
-    queue = deque(batches(todo, limit))
+
+
+def _render_targets(run: Run, pipe, sha: str, todo: list[Target], reporter: Reporter) -> None:
+    """Render the targets in U-Net batches and write each image as it is done. An image that fails (not
+    finite, or out of memory alone) is reported and the job goes on, unless --fail-fast; a batch that runs
+    out of memory is halved."""
+    import torch
+
+    queue = deque(batches(todo, run.batch_size or BATCH_SIZE))
     while queue:
         group = queue.popleft()
-        requests = [t.planned.request for t in group]
         reporter.start_batch(len(group))
         try:
-            images = pipe.generate(requests, on_step=reporter.step)
+            images = pipe.generate([t.request for t in group], reporter.step)
+            why = NON_FINITE + ("; try --dtype bf16 or fp32" if pipe.dtype_name == "fp16" else "")
         except torch.cuda.OutOfMemoryError:
-            if len(group) == 1:
-                r = requests[0]
-                raise SdcliError(
-                    f"out of memory on {pipe.device_name} for a {r.width}x{r.height} image; try a smaller size"
-                ) from None
-            half = len(group) // 2
-            reporter.warning(f"out of memory with {len(group)} images in one batch; trying {half}")
             torch.cuda.empty_cache()
-            queue.extendleft([group[half:], group[:half]])
-            continue
-        seconds = reporter.batch_done()
+            if len(group) > 1:
+                half = len(group) // 2
+                reporter.warning(f"out of memory with {len(group)} images in one batch; trying {half}")
+                queue.extendleft([group[half:], group[:half]])
+                continue
+            r = group[0].request
+            images, why = [None], f"out of memory on {pipe.device_name} for a {r.width}x{r.height} image"
+        seconds = reporter.batch_done() / len(group)
         for target, image in zip(group, images, strict=True):
+            if image is None:
+                _failed(run, target, why, reporter)
+                continue
             meta = build_metadata(
-                target.planned.request, config=model, weights=weights, weights_sha256=sha, device=pipe.device_name,
-                dtype=pipe.dtype_name, batch_size=len(group), elapsed=seconds / len(group),
+                target.request, config=pipe.config, weights=pipe.weights, weights_sha256=sha,
+                device=pipe.device_name, dtype=pipe.dtype_name, batch_size=len(group), elapsed=seconds,
             )  # fmt: skip
-            try:
-                write_pair(image, meta, target.png, target.sidecar)
-            except OSError as exc:
-                raise SdcliError(f"cannot write {target.png}: {exc.strerror or exc}") from None
-            reporter.image_written(target.png, seconds / len(group))
-            _emit(run, target, meta, "written")
+            with _signals_held():
+                try:
+                    write_pair(image, meta, target.png, target.sidecar)
+                except OSError as exc:
+                    raise SdcliError(f"cannot write {target.png}: {exc.strerror or exc}") from None
+                reporter.image_written(target.png, seconds)
+                _emit(run, target, meta, "written")
+
+
+def _failed(run: Run, target: Target, reason: str, reporter: Reporter) -> None:
+    what = ", ".join(filter(None, (target.planned.where, f"seed {target.request.seed}", target.png.name)))
+    reporter.image_failed(what, reason)
+    _emit(run, target, {**dataclasses.asdict(target.request), "error": reason}, "failed")
+    if run.fail_fast:
+        raise SdcliError(f"stopped at the first failed image (--fail-fast): {what}")
 
 
 def _emit(run: Run, target: Target, meta: dict[str, Any], status: str) -> None:
-    """The result line on stdout: the PNG path, or with --json the paths, status and metadata."""
+    """The result line on stdout: the PNG path, or with --json the paths, status and metadata (a failed
+    image has a line only with --json)."""
     if run.json:
         line = {"image": str(target.png), "metadata": str(target.sidecar), "status": status, **meta}
         print(json.dumps(line, ensure_ascii=False), flush=True)
-    elif not run.quiet:
+    elif not run.quiet and status != "failed":
         print(target.png, flush=True)
 
 
@@ -466,6 +542,19 @@ def _sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait while an image is written and reported, so each pair on disk has its line."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a held signal is delivered now
 
 
 @app.command()

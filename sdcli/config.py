@@ -182,13 +182,15 @@ def parse_config(text: str, source: Path | None = None) -> ModelConfig:
     where = str(source) if source is not None else "<config>"
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is None:
+            raise ConfigError(f"{where}: config is empty")
+        config = _build(ModelConfig, node, where, "")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{where}{line}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if node is None:
-        raise ConfigError(f"{where}: config is empty")
-    config = _build(ModelConfig, node, where, "")
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
     return dataclasses.replace(config, source=source)
 
 
@@ -206,8 +208,10 @@ def _build(cls, node: yaml.Node, where: str, path: str):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     values: dict[str, Any] = {}
     for key_node, value_node in node.value:
-        key = key_node.value
         line = f"{where}:{key_node.start_mark.line + 1}"
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError(f"{line}: a key must be a plain name")
+        key = key_node.value
         dotted = f"{path}.{key}" if path else key
         if key not in fields:
             raise ConfigError(f"{line}: unknown key '{dotted}'{_suggest(key, fields)}")
@@ -245,7 +249,10 @@ def _convert(hint, node: yaml.Node, where: str, path: str):
         return tuple(_convert(args[0], item, where, path) for item in node.value)
     if not isinstance(node, yaml.ScalarNode):
         raise ConfigError(f"{line}: '{path}' must be a single value")
-    value = yaml.safe_load(yaml.serialize(node))
+    try:
+        value = yaml.safe_load(yaml.serialize(node))
+    except (yaml.YAMLError, ValueError) as exc:  # an unknown tag, or one its text does not fit (!!int x)
+        raise ConfigError(f"{line}: '{path}' is not a valid value: {getattr(exc, 'problem', None) or exc}") from None
     if origin is Literal:
         if value not in args:
             choices = ", ".join(map(str, args))

@@ -22,7 +22,7 @@ def cached_sha256(path: Path) -> str | None:
     """The cached hash of an unchanged file, or None when it must be computed."""
     path = Path(path).resolve()
     entry = _read_cache(cache_dir() / "sha256.json").get(str(path))
-    if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and entry.get("stamp") == _stamp(path):
+    if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and entry.get("stamp") == file_stamp(path):
         return entry["sha256"]
     return None
 
@@ -33,7 +33,7 @@ def sha256_file(path: Path) -> str:
     known = cached_sha256(path)
     if known is not None:
         return known
-    stamp = _stamp(path)
+    stamp = file_stamp(path)
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(CHUNK):
@@ -45,7 +45,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stamp(path: Path) -> list[int]:
+def file_stamp(path: Path) -> list[int]:
     """Size and modification time: a changed file gets a new stamp (JSON lists, to compare after a reload)."""
     stat = path.stat()
     return [stat.st_size, stat.st_mtime_ns]

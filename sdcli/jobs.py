@@ -10,10 +10,10 @@ import hashlib
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -21,6 +21,9 @@ from sdcli.config import ModelConfig, _suggest
 from sdcli.errors import RequestError
 from sdcli.outputs import DEFAULT_NAME, config_reference, load_existing, name_stem, recipe
 from sdcli.request import Request, check_request
+
+T = TypeVar("T", "Planned", "Target")
+MAX_COUNT = 10_000  # images of one item: a typo such as count: 1e9 must not plan for hours
 
 # What an item of a prompt file may set, and the type each must have.
 ITEM_TYPES: dict[str, type] = {
@@ -56,6 +59,10 @@ class Target:
     png: Path
     sidecar: Path
     done: bool  # a complete PNG + JSON pair of this recipe is already there
+
+    @property
+    def request(self) -> Request:
+        return self.planned.request
 
 
 def read_items(source: str) -> list[Item]:
@@ -103,6 +110,8 @@ def _jsonl_items(text: str, name: str) -> list[Item]:
             value = json.loads(line)
         except ValueError as exc:
             raise RequestError(f"{where}: not valid JSON: {getattr(exc, 'msg', exc)}") from None
+        except RecursionError:
+            raise RequestError(f"{where}: not valid JSON: nested too deeply") from None
         items.append(make_item(value, where, len(items)))
     return items
 
@@ -116,6 +125,8 @@ def _yaml_items(text: str, name: str) -> list[Item]:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise RequestError(f"{name}{line}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise RequestError(f"{name}: not valid YAML: nested too deeply") from None
     if root is None:
         return []
     if not isinstance(root, yaml.SequenceNode):
@@ -145,8 +156,8 @@ def make_item(value: Any, where: str, position: int) -> Item:
         values[key] = float(raw) if kind is float else raw
     if not values.get("prompt", "").strip():
         raise RequestError(f"{where}: the item has no prompt")
-    if values.get("count", 1) < 1:
-        raise RequestError(f"{where}: 'count' must be at least 1, got {values['count']}")
+    if not 1 <= values.get("count", 1) <= MAX_COUNT:
+        raise RequestError(f"{where}: 'count' must be from 1 to {MAX_COUNT}, got {values['count']}")
     return Item(where, position, values)
 
 
@@ -238,11 +249,12 @@ def _request_meta(request: Request) -> dict[str, Any]:
     return {**request.__dict__, "guidance": float(request.guidance)}
 
 
-def batches(targets: list[Target], size: int) -> list[list[Target]]:
-    """Images that share steps, guidance, sampler and size, in groups of at most `size`, in job order."""
-    groups: dict[tuple, list[Target]] = {}
-    for t in targets:
-        groups.setdefault(t.planned.request.batch_key(), []).append(t)
+def batches(images: Sequence[T], size: int) -> list[list[T]]:
+    """Images (planned or placed) that share steps, guidance, sampler and size, in groups of at most `size`,
+    in job order."""
+    groups: dict[tuple, list[T]] = {}
+    for image in images:
+        groups.setdefault(image.request.batch_key(), []).append(image)
     return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 

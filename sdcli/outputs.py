@@ -231,7 +231,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
         try:
             with Image.open(path) as image:
                 text = getattr(image, "text", {}).get(PNG_KEY)
-        except (OSError, SyntaxError, ValueError) as exc:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise RequestError(f"--from {path}: not a readable PNG: {exc}") from None
         if text is None:
             raise RequestError(f"--from {path}: the image carries no sdcli metadata")
@@ -244,7 +244,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
         raise RequestError(f"--from {path}: expected an sdcli .png image or its .json sidecar")
     try:
         meta = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise RequestError(f"--from {path}: metadata is not valid JSON: {exc}") from None
     return check_metadata(meta, str(path))
 
@@ -277,7 +277,7 @@ def load_existing(png: Path, sidecar: Path) -> dict[str, Any] | None:
         return check_metadata(
             json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.exists() else _png_meta(png), ""
         )
-    except (OSError, ValueError, SyntaxError, RequestError):
+    except (OSError, ValueError, SyntaxError, RecursionError, Image.DecompressionBombError, RequestError):
         return {}
 
 

@@ -16,12 +16,15 @@ PLAIN_STEP_EVERY = 10.0  # seconds between plain "step i/n" lines, so logs show 
 class Reporter:
     """Progress over a job's images and the current batch's sampler steps, warnings, and a summary."""
 
-    def __init__(self, *, quiet: bool, stream: TextIO | None = None):
+    def __init__(self, *, quiet: bool, stream: TextIO | None = None, label: str = ""):
         self.stream = stream or sys.stderr
         self.quiet = quiet
+        self.prefix = f"sdcli: {label}: " if label else "sdcli: "
+        self.can_go_live = not label  # a shard's processes share one terminal: plain labelled lines only
         self.total = 0  # images to render (skipped ones excluded)
         self.written = 0
         self.skipped = 0
+        self.failed = 0
         self.steps = 0
         self.started = time.monotonic()
         self.render_seconds = 0.0
@@ -35,7 +38,7 @@ class Reporter:
     def begin(self, total: int) -> None:
         """Rendering of `total` images starts: on a terminal, the live display appears."""
         self.total = total
-        if total and not self.quiet and self.stream.isatty():
+        if total and not self.quiet and self.can_go_live and self.stream.isatty():
             self._start_live()
 
     def __exit__(self, *exc) -> None:
@@ -77,15 +80,15 @@ class Reporter:
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self._line(f"sdcli: {message}")
+            self._line(f"{self.prefix}{message}")
 
     def warning(self, message: str) -> None:
         if not self.quiet:
-            self._line(f"sdcli: warning: {message}")
+            self._line(f"{self.prefix}warning: {message}")
 
     def start_batch(self, size: int) -> None:
         """A U-Net batch of `size` images begins."""
-        self._group = (self.written + 1, size)
+        self._group = (self.written + self.failed + 1, size)
         self._group_started = time.monotonic()
         if self._live is not None:
             self._live.reset(self._steps, total=None)
@@ -100,7 +103,7 @@ class Reporter:
             self._last_line = now
             first, size = self._group
             images = f"image {first}" if size == 1 else f"images {first}-{first + size - 1}"
-            self._line(f"sdcli: {images} of {self.total}: step {done}/{total}")
+            self._line(f"{self.prefix}{images} of {self.total}: step {done}/{total}")
 
     def batch_done(self) -> float:
         """Seconds the batch took; adds them to the render time."""
@@ -113,18 +116,25 @@ class Reporter:
         if self._live is not None:
             self._live.advance(self._images)
         self._last_line = time.monotonic()
-        self.info(f"[{self.written}/{self.total}] {path} ({seconds:.1f} s)")
+        self.info(f"[{self.written + self.failed}/{self.total}] {path} ({seconds:.1f} s)")
+
+    def image_failed(self, what: str, reason: str) -> None:
+        """An image could not be made; said even under --quiet, and the job goes on."""
+        self.failed += 1
+        if self._live is not None:
+            self._live.advance(self._images)
+        self._line(f"{self.prefix}failed: {what}: {reason}")
 
     def image_skipped(self, path: Path) -> None:
         self.skipped += 1
         self.info(f"skipped {path}: already complete")
 
     def summary(self, remaining: int = 0, interrupted: str | None = None) -> None:
-        """The closing line; an interruption is reported even under --quiet."""
+        """The closing line; an interruption or a failed image makes it appear even under --quiet."""
         rate = f", {self.steps / self.render_seconds:.2f} it/s" if self.render_seconds > 0 and self.steps else ""
-        counts = f"{self.written} written, {self.skipped} skipped"
+        counts = f"{self.written} written, {self.skipped} skipped, {self.failed} failed"
+        self.__exit__()
         if interrupted:
-            self.__exit__()
-            self._line(f"sdcli: {interrupted}: {counts}, {remaining} remaining")
-        else:
-            self.info(f"done: {counts} in {time.monotonic() - self.started:.1f} s{rate}")
+            self._line(f"{self.prefix}{interrupted}: {counts}, {remaining} remaining")
+        elif self.failed or not self.quiet:
+            self._line(f"{self.prefix}done: {counts} in {time.monotonic() - self.started:.1f} s{rate}")

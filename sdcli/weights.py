@@ -1,23 +1,38 @@
 """Build the three networks without initialising them, then fill them from a single-file checkpoint.
 
 Networks are made on the meta device (no memory, no random init) and every tensor is read from the
-memory-mapped file straight into its final dtype and device, one at a time, so the peak stays near the
-model's own size. Loading is strict: every expected tensor must be there with its exact shape; keys
-outside the three networks' prefixes (EMA copies, schedule buffers) and a short list of known unused
-text-encoder extras are ignored on purpose.
+file into memory of its own, then cast to its final dtype and device, one at a time, so the peak stays
+near the model's own size. Plain reads, not a memory map: a map would leave the model backed by the
+file, so a file truncated while sdcli runs would kill the process (SIGBUS) and one rewritten in place
+would change the model under a running batch. Loading is strict: every expected tensor must be there
+with its exact shape; keys outside the three networks' prefixes (EMA copies, schedule buffers) and a
+short list of known unused text-encoder extras are ignored on purpose.
+
+Pickle checkpoints (.ckpt) are read only when allowed, through torch's restricted `weights_only` loader,
+into the same strict loading.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import pickle
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from sdcli.checkpoint import TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, describe_family, read_header
+from sdcli.checkpoint import (
+    TEXT_PREFIXES,
+    UNET_PREFIX,
+    VAE_PREFIX,
+    check_pickle_allowed,
+    describe_family,
+    is_pickle,
+    read_header,
+)
 from sdcli.config import ModelConfig
 from sdcli.errors import CheckpointError
 from sdcli.nets.text import TextEncoder, hf_clip_key_shapes, hf_clip_to_open_clip
@@ -26,6 +41,10 @@ from sdcli.nets.vae import AutoencoderKL
 
 # Present in real files, unused by the text encoder: HF's position id buffer, OpenCLIP's contrastive head.
 IGNORED_TEXT_KEYS = {"embeddings.position_ids", "text_projection", "logit_scale"}
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
 
 
 @dataclass
@@ -58,33 +77,92 @@ def expected_keys(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return keys
 
 
+@dataclass(frozen=True)
+class Tensors:
+    """A checkpoint's tensor table, and a way to read one tensor into memory that does not depend on the file."""
+
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    fetch: Callable[[str], torch.Tensor]
+
+
+@contextmanager
+def open_tensors(path: Path, *, allow_pickle: bool = False) -> Iterator[Tensors]:
+    """The tensors of a .safetensors file, or of a pickle checkpoint when `allow_pickle`."""
+    path = Path(path)
+    check_pickle_allowed(path, allow_pickle)
+    if is_pickle(path):
+        yield _pickle_tensors(path)
+        return
+    table = read_header(path)
+    try:
+        f = open(path, "rb", buffering=0)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read weights: {exc.strerror or exc}") from None
+
+    def fetch(key: str) -> torch.Tensor:
+        info = table[key]
+        data = torch.empty(info.end - info.begin, dtype=torch.uint8)
+        view, done = memoryview(data.numpy()), 0
+        f.seek(info.begin)
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise CheckpointError(f"{path}: file is truncated (it shrank while being read); download it again")
+            done += got
+        return data.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+
+    with f:
+        yield Tensors(path, {key: info.shape for key, info in table.items()}, fetch)
+
+
+def _pickle_tensors(path: Path) -> Tensors:
+    """A pickle checkpoint's state dict (under any `state_dict` keys), read by torch's weights-only unpickler,
+    which refuses every object but tensors and plain containers."""
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        # A zip-format file (torch >= 1.6) is memory-mapped; each tensor is copied out below.
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        # torch's message is a page long; the line naming the refused object is the one that helps.
+        reason = next((line.strip() for line in str(exc).splitlines() if "unsupported" in line.lower()), "")
+        raise CheckpointError(
+            f"{path}: refused by torch's weights-only loader, which reads only tensors and plain containers"
+            f"{f' ({reason})' if reason else ''}"
+        ) from None
+    except Exception as exc:  # a damaged file surfaces from torch.load as many exception types
+        first = next((line.split(". ")[0] for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {first}") from None
+    while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: not a checkpoint: expected a dict of tensors, found {type(loaded).__name__}")
+    state = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return Tensors(path, {key: tuple(t.shape) for key, t in state.items()}, lambda key: state[key].clone())
+
+
 class _Reader:
     """Reads tensors by name from an open checkpoint, checking shapes and casting on the way."""
 
-    def __init__(self, path: Path, handle, table, device: torch.device, dtype: torch.dtype):
-        self.path, self.handle, self.table = path, handle, table
+    def __init__(self, tensors: Tensors, device: torch.device, dtype: torch.dtype):
+        self.path, self.tensors, self.table = tensors.path, tensors, tensors.shapes
         self.device, self.dtype = device, dtype
 
     def read(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
-        info = self.table.get(key)
-        if info is None:
+        found = self.table.get(key)
+        if found is None:
             family = describe_family(self.table)
             hint = f"; the file looks like {family}" if family else ""
             raise CheckpointError(f"{self.path}: missing tensor '{key}'{hint}")
-        if info.shape != shape:
+        if found != shape:
             family = describe_family(self.table)
             hint = f"; the file looks like {family}" if family else ""
-            raise CheckpointError(
-                f"{self.path}: tensor '{key}' has shape {list(info.shape)}, expected {list(shape)}{hint}"
-            )
-        try:
-            tensor = self.handle.get_tensor(key)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{self.path}: cannot read tensor '{key}': {exc}") from None
-        return tensor.to(self.device, self.dtype)
+            raise CheckpointError(f"{self.path}: tensor '{key}' has shape {list(found)}, expected {list(shape)}{hint}")
+        return self.tensors.fetch(key).to(self.device, self.dtype)
 
     def under(self, prefix: str) -> Iterator[str]:
-        return (k[len(prefix):] for k in self.table if k.startswith(prefix))
+        return (k[len(prefix) :] for k in self.table if k.startswith(prefix))
 
 
 def _check_unexpected(reader: _Reader, prefix: str, expected, ignored=frozenset()) -> None:
@@ -117,26 +195,28 @@ def _fill_text(text: TextEncoder, reader: _Reader, config: ModelConfig) -> None:
     text.load_state_dict(state, strict=True, assign=True)
 
 
-def load_components(config: ModelConfig, path: Path, device: torch.device, dtype: torch.dtype) -> Components:
+def load_components(
+    config: ModelConfig, path: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False
+) -> Components:
     """The three networks of `config`, filled from the checkpoint at `path`, on `device` in `dtype`."""
     path = Path(path)
-    table = read_header(path)
-    if not any(k.startswith(UNET_PREFIX) for k in table):
-        family = describe_family(table)
-        detail = f" (it looks like {family})" if family else ""
-        raise CheckpointError(
-            f"{path}: no U-Net weights under '{UNET_PREFIX}': not a CompVis/LDM single-file Stable Diffusion checkpoint{detail}"
-        )
-    nets = build_on_meta(config)
-    # The SD VAE overflows in fp16; bf16 shares fp32's range, so only fp16 keeps the VAE in fp32.
-    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            _fill(nets.unet, _Reader(path, handle, table, device, dtype), UNET_PREFIX)
-            _fill(nets.vae, _Reader(path, handle, table, device, vae_dtype), VAE_PREFIX)
-            _fill_text(nets.text, _Reader(path, handle, table, device, dtype), config)
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: cannot read weights: {exc}") from None
+        with open_tensors(path, allow_pickle=allow_pickle) as tensors:
+            if not any(k.startswith(UNET_PREFIX) for k in tensors.shapes):
+                family = describe_family(tensors.shapes)
+                detail = f" (it looks like {family})" if family else ""
+                raise CheckpointError(
+                    f"{path}: no U-Net weights under '{UNET_PREFIX}': "
+                    f"not a CompVis/LDM single-file Stable Diffusion checkpoint{detail}"
+                )
+            nets = build_on_meta(config)
+            # The SD VAE overflows in fp16; bf16 shares fp32's range, so only fp16 keeps the VAE in fp32.
+            vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+            _fill(nets.unet, _Reader(tensors, device, dtype), UNET_PREFIX)
+            _fill(nets.vae, _Reader(tensors, device, vae_dtype), VAE_PREFIX)
+            _fill_text(nets.text, _Reader(tensors, device, dtype), config)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read weights: {exc.strerror or exc}") from None
     for net in (nets.unet, nets.vae, nets.text):
         net.eval().requires_grad_(False)
     return nets

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from sdcli.config import ModelConfig, parse_config
+
+# Tiny models are overhead-bound: one thread per process is as fast on idle cores and avoids OpenMP
+# threads spinning against each other when the machine is shared (set before torch is imported, so the
+# CLI subprocesses the tests start inherit it too).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # A complete model at toy size: OpenCLIP text layout (no key renaming), 2x VAE, one U-Net down-sampling.
 TINY_YAML = """\

@@ -164,4 +164,4 @@ def test_quiet_reporter_says_nothing_but_interruptions():
         reporter.summary()
         assert stream.getvalue() == ""
         reporter.summary(2, interrupted="interrupted")
-    assert stream.getvalue() == "sdcli: interrupted: 0 written, 0 skipped, 2 remaining\n"
+    assert stream.getvalue() == "sdcli: interrupted: 0 written, 0 skipped, 0 failed, 2 remaining\n"

@@ -271,7 +271,7 @@ def test_disk_full_mid_batch_keeps_the_finished_images(cli, tiny_model, tmp_path
     monkeypatch.setattr(os, "fsync", fsync)
     ran = cli("batch", tmp_path / "p.txt", "-c", tiny_model, "-o", out, "--steps", "1")
     assert ran.code == 1 and ran.err_lines[-1].startswith("sdcli: error: cannot write ")
-    assert "No space left on device" in ran.err_lines[-1] and "2 written, 0 skipped, 1 remaining" in ran.err
+    assert "No space left on device" in ran.err_lines[-1] and "2 written, 0 skipped, 0 failed, 1 remaining" in ran.err
     assert len(pairs(out)) == 2 and len(ran.out.splitlines()) == 2
     monkeypatch.undo()
     assert cli("batch", tmp_path / "p.txt", "-c", tiny_model, "-o", out, "--steps", "1").code == 0
@@ -311,5 +311,5 @@ def test_ctrl_c_mid_batch_exits_130_with_a_summary(cli, tiny_model, tmp_path, mo
     monkeypatch.setattr(Reporter, "image_written", then_ctrl_c)
     (tmp_path / "p.txt").write_text("a\nb\nc\n")
     ran = cli("batch", tmp_path / "p.txt", "-c", tiny_model, "-o", tmp_path / "out", "--steps", "1")
-    assert ran.code == 130 and ran.err_lines[-1] == "sdcli: interrupted: 1 written, 0 skipped, 2 remaining"
+    assert ran.code == 130 and ran.err_lines[-1] == "sdcli: interrupted: 1 written, 0 skipped, 0 failed, 2 remaining"
     assert len(pairs(tmp_path / "out")) == 1

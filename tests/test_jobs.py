@@ -68,7 +68,7 @@ def test_stdin(monkeypatch):
         ("p.jsonl", '{"prompt": "a", "guidance": "high"}\n', r"'guidance' must be a number"),
         ("p.jsonl", '{"negative": "b"}\n', r"p.jsonl:1: the item has no prompt"),
         ("p.jsonl", '{"prompt": "   "}\n', r"the item has no prompt"),
-        ("p.jsonl", '{"prompt": "a", "count": 0}\n', r"'count' must be at least 1"),
+        ("p.jsonl", '{"prompt": "a", "count": 0}\n', r"'count' must be from 1 to 10000, got 0"),
         ("p.jsonl", "[1, 2]\n", r"p.jsonl:1: an item must be a prompt or a mapping"),
         ("p.yaml", "prompt: a\n", r"p.yaml:1: expected a list"),
         ("p.yaml", "- a\n- [b\n", r"p.yaml:\d+: not valid YAML"),

@@ -1,4 +1,4 @@
-"""The CLIP text tower (OpenCLIP's modules and parameter names) and the prompt tokenizer.
+"""The CLIP text tower (with OpenCLIP's parameter names) and the prompt tokenizer (OpenCLIP's BPE).
 
 Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision". SD 1.x
 conditions on OpenAI CLIP ViT-L/14's last block, SD 2.x on OpenCLIP ViT-H/14's penultimate block; both
@@ -12,30 +12,77 @@ model's own tokenizer, so prompts with '!' differ from diffusers' SD 2 ids on pu
 
 from __future__ import annotations
 
+import gzip
+import html
+import importlib.util
+from collections import OrderedDict
 from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
 
+import ftfy
+import regex
 import torch
-from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from torch import Tensor, nn
 
 from sdcli.config import TextConfig
-from sdcli.errors import CheckpointError
+from sdcli.errors import CheckpointError, ConfigError
+
+START, END = "<start_of_text>", "<end_of_text>"  # OpenCLIP's names for CLIP's special tokens
+BYTE_TOKENS = 256  # byte-level BPE: one base token per byte, once plain and once word-final
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's sigmoid approximation of GELU (Hendrycks & Gimpel 2016, section 2)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
 
 ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
 
 
+class ResidualAttentionBlock(nn.Module):
+    """Pre-norm causal self-attention then an MLP, each residual; OpenCLIP's block and parameter names."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        self.ln_1 = nn.LayerNorm(cfg.width)
+        self.attn = nn.MultiheadAttention(cfg.width, cfg.heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(cfg.width)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                c_fc=nn.Linear(cfg.width, hidden), gelu=ACTIVATIONS[cfg.activation](), c_proj=nn.Linear(hidden, cfg.width)
+            )
+        )
+
+    def forward(self, x: Tensor, causal: Tensor) -> Tensor:
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=causal)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """The stack of blocks, under the `transformer.resblocks` names the checkpoints use."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
+
+
 class TextEncoder(nn.Module):
-    """Token ids -> per-token context for cross-attention: the configured block's output after ln_final."""
+    """Token ids -> per-token context for cross-attention: the configured block's output after ln_final.
+
+    OpenCLIP's text tower rebuilt from torch modules: importing open_clip itself costs seconds (it pulls in
+    torchvision and transformers), which a cold start should not pay."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(
-            cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, act_layer=ACTIVATIONS[cfg.activation]
-        )
-        self.ln_final = LayerNorm(cfg.width)
+        self.transformer = Transformer(cfg)
+        self.ln_final = nn.LayerNorm(cfg.width)
         # SD 2.x stops one block early; the skipped block stays a parameter so strict loads still work
         self.depth = cfg.layers - 1 if cfg.output_layer == "penultimate" else cfg.layers
 
@@ -45,7 +92,7 @@ class TextEncoder(nn.Module):
         # additive causal mask, built here so a meta-device construction holds no stale buffer
         causal = torch.full((length, length), float("-inf"), dtype=x.dtype, device=x.device).triu_(1)
         for block in self.transformer.resblocks[: self.depth]:
-            x = block(x, attn_mask=causal)
+            x = block(x, causal)
         return self.ln_final(x)
 
 
@@ -114,10 +161,20 @@ def hf_clip_to_open_clip(state: dict[str, Tensor], cfg: TextConfig) -> dict[str,
 
 
 class Tokenizer:
-    """Prompts -> (B, context_length) ids with OpenCLIP's bundled BPE: start, tokens, end, then pad_id."""
+    """Prompts -> (B, context_length) ids with OpenCLIP's bundled byte-level BPE (Sennrich et al. 2016; CLIP's
+    text cleaning, pattern and merges): start, tokens, end, then pad_id."""
 
     def __init__(self, cfg: TextConfig):
-        self.bpe = SimpleTokenizer(context_length=cfg.context_length)
+        merges = _merges(cfg.vocab_size)
+        base = list(_byte_chars().values())
+        vocab = base + [c + "</w>" for c in base] + ["".join(pair) for pair in merges] + [START, END]
+        self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.start_id, self.end_id = self.encoder[START], self.encoder[END]
+        self.words = {START: START, END: END}  # BPE results per word; OpenCLIP maps the spelled-out specials too
+        self.pattern = regex.compile(
+            rf"{START}|{END}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+", regex.IGNORECASE
+        )
         self.context_length = cfg.context_length
         self.pad_id = cfg.pad_id
 
@@ -127,8 +184,60 @@ class Tokenizer:
         ids = torch.full((len(prompts), self.context_length), self.pad_id, dtype=torch.long)
         truncated = []
         for row, prompt in zip(ids, prompts):
-            tokens = self.bpe.encode(prompt)
+            tokens = self.encode(prompt)
             truncated.append(len(tokens) > keep)
-            sequence = [self.bpe.sot_token_id, *tokens[:keep], self.bpe.eot_token_id]
+            sequence = [self.start_id, *tokens[:keep], self.end_id]
             row[: len(sequence)] = torch.tensor(sequence)
         return ids, truncated
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of cleaned, lower-cased text: each pattern match as bytes, merged by BPE."""
+        text = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
+        chars = _byte_chars()
+        ids = []
+        for word in self.pattern.findall(text):
+            ids += [self.encoder[piece] for piece in self.bpe("".join(chars[b] for b in word.encode("utf-8")))]
+        return ids
+
+    def bpe(self, word: str) -> list[str]:
+        """Merge the word's symbols, lowest-ranked pair first, until no known pair is left."""
+        if word in self.words:
+            return self.words[word].split(" ")
+        symbols = [*word[:-1], word[-1] + "</w>"]
+        while len(symbols) > 1:
+            pairs = set(zip(symbols, symbols[1:]))
+            best = min(pairs, key=lambda pair: self.ranks.get(pair, float("inf")))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        self.words[word] = " ".join(symbols)
+        return symbols
+
+
+@lru_cache
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map: printable bytes stand for themselves, the rest
+    for characters from 256 on, so no byte becomes whitespace or a control character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+@lru_cache
+def _merges(vocab_size: int) -> list[tuple[str, str]]:
+    """The first vocab_size - 2*256 - 2 merges of OpenCLIP's BPE file (its header line skipped)."""
+    spec = importlib.util.find_spec("open_clip")  # locates the package's data without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the tokenizer needs the open_clip_torch package (its BPE vocabulary); pip install open_clip_torch")
+    path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    count = vocab_size - 2 * BYTE_TOKENS - 2
+    return [tuple(line.split()) for line in lines[1 : 1 + count]]

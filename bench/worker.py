@@ -1,0 +1,278 @@
+"""One benchmark measurement in a fresh process; prints one `BENCH {json}` line on stdout.
+
+    python bench/worker.py TASK TOOL --config sd15|tiny --checkpoint FILE [--folder DIR] [options]
+
+TASK is load, unet, vae, image or peak; TOOL is sdcli or diffusers (peak ignores it). Timings are wall
+seconds from time.perf_counter; a phase's peak RSS is the kernel's high-water mark (VmHWM), reset just
+before the phase through /proc/self/clear_refs, so it covers the resident model plus that phase's work.
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.time()  # before any heavy import: the cold load counts imports
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
+SEED, GUIDANCE, SAMPLER = 1234, 7.5, "dpmpp_2m_karras"
+
+
+_peak_before_reset = 0.0
+
+
+def process_peak_gib() -> float:
+    """The whole process's peak RSS so far. Not getrusage's ru_maxrss: Linux carries that over from the
+    forked parent across exec, so a child never reports less than its parent's size."""
+    return max(_peak_before_reset, phase_peak_gib())
+
+
+def reset_peak() -> None:
+    """Start a fresh high-water mark at the current RSS, after handing freed heap back to the kernel."""
+    global _peak_before_reset
+    _peak_before_reset = process_peak_gib()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def phase_peak_gib() -> float:
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 2**20
+
+
+def model_config(name: str):
+    if name == "tiny":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from reference import tiny_config
+
+        return tiny_config("sd1", "epsilon")
+    from sdcli.config import load_config
+
+    return load_config(name)
+
+
+class Sdcli:
+    """sdcli through its Pipeline, as the CLI drives it."""
+
+    def __init__(self, config, checkpoint: Path, dtype: str, compile: bool = False):
+        from sdcli.pipeline import Pipeline
+
+        options = {"compile": True} if compile else {}
+        self.pipe = Pipeline.load(config, checkpoint, device="cpu", dtype=dtype, **options)
+        self.config = config
+
+    @property
+    def dtype(self):
+        return self.pipe.dtype
+
+    def unet_inputs(self, latent: tuple[int, int]):
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, self.config.unet.in_channels, *latent, generator=g).to(self.dtype)
+        context = torch.randn(2, self.config.text.context_length, self.config.unet.context_dim, generator=g)
+        cond, uncond = context.to(self.dtype).chunk(2)
+        return self.pipe.guided_model(cond, uncond, GUIDANCE), x
+
+    def unet_call(self, model, x):
+        import torch
+
+        with torch.inference_mode():
+            return model(x, torch.tensor(999.0))
+
+    def drop_all_but_vae(self) -> None:
+        self.pipe.nets.unet = self.pipe.nets.text = None
+
+    def decode(self, latents):
+        return self.pipe.decode(latents)
+
+    def render(self, size: int, steps: int):
+        from sdcli.request import Request
+
+        return self.pipe.generate([Request(PROMPT, NEGATIVE, SEED, steps, GUIDANCE, SAMPLER, size, size)])[0]
+
+
+class Diffusers:
+    """diffusers' StableDiffusionPipeline from the same single file, offline, as its documentation uses it."""
+
+    def __init__(self, config, checkpoint: Path, dtype: str, folder: Path):
+        import torch
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()  # the LDM yaml's deprecation notes are expected
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": torch.float32}[dtype]
+        self.pipe = StableDiffusionPipeline.from_single_file(
+            str(checkpoint),
+            config=str(folder),
+            original_config=str(folder / "original.yaml"),
+            local_files_only=True,
+            torch_dtype=torch_dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.config = config
+
+    @property
+    def dtype(self):
+        return self.pipe.unet.dtype
+
+    def unet_inputs(self, latent: tuple[int, int]):
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, self.config.unet.in_channels, *latent, generator=g).to(self.dtype)
+        context = torch.randn(2, self.config.text.context_length, self.config.unet.context_dim, generator=g)
+        context = context.to(self.dtype)
+        unet = self.pipe.unet
+
+        def model(x, t):
+            # the per-step work of StableDiffusionPipeline.__call__ with classifier-free guidance
+            noise = unet(torch.cat([x] * 2), t, encoder_hidden_states=context, return_dict=False)[0]
+            uncond, cond = noise.chunk(2)
+            return uncond + GUIDANCE * (cond - uncond)
+
+        return model, x
+
+    def unet_call(self, model, x):
+        import torch
+
+        with torch.no_grad():  # what the diffusers pipeline runs under
+            return model(x, torch.tensor(999.0))
+
+    def drop_all_but_vae(self) -> None:
+        self.pipe.unet = self.pipe.text_encoder = None
+
+    def decode(self, latents):
+        import torch
+
+        vae = self.pipe.vae
+        with torch.no_grad():
+            return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+    def render(self, size: int, steps: int):
+        import torch
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from reference import diffusers_scheduler
+
+        self.pipe.scheduler = diffusers_scheduler(self.config, SAMPLER)
+        return self.pipe(
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            num_inference_steps=steps,
+            guidance_scale=GUIDANCE,
+            width=size,
+            height=size,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+        ).images[0]
+
+
+def load_tool(args):
+    config = model_config(args.config)
+    if args.tool == "sdcli":
+        return Sdcli(config, args.checkpoint, args.dtype, args.compile)
+    return Diffusers(config, args.checkpoint, args.dtype, args.folder)
+
+
+def timed(fn, repeats: int, warmup: int) -> dict:
+    """Wall and CPU seconds of each of `repeats` calls after `warmup` untimed ones, the fastest and the median
+    wall time, and the peak RSS over the timed calls."""
+    for _ in range(warmup):
+        fn()
+    seconds, cpu, peak = [], [], 0.0
+    for _ in range(repeats):
+        reset_peak()
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        seconds.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+        peak = max(peak, phase_peak_gib())
+    return {"seconds": seconds, "cpu_seconds": cpu, "best": min(seconds), "median": statistics.median(seconds),
+            "peak_gib": peak}
+
+
+def task_load(args) -> dict:
+    load_tool(args)
+    return {"ready_at": time.time(), "cpu_seconds": time.process_time(), "peak_gib": process_peak_gib()}
+
+
+def task_unet(args) -> dict:
+    tool = load_tool(args)
+    side = args.size // tool.config.vae.downsample
+    model, x = tool.unet_inputs((side, side))
+    return {**timed(lambda: tool.unet_call(model, x), args.repeats, args.warmup), "dtype": str(tool.dtype)}
+
+
+def task_vae(args) -> dict:
+    import torch
+
+    tool = load_tool(args)
+    tool.drop_all_but_vae()
+    factor = tool.config.vae.downsample
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, tool.config.vae.latent_channels, args.size // factor, args.size // factor, generator=g)
+    latents = latents * tool.config.vae.scale_factor  # what a sampler hands over
+    return timed(lambda: tool.decode(latents), args.repeats, args.warmup)
+
+
+def task_image(args) -> dict:
+    tool = load_tool(args)
+    result = timed(lambda: tool.render(args.size, args.steps), args.repeats, args.warmup)
+    return {**result, "phase_peak_gib": result["peak_gib"], "peak_gib": process_peak_gib(), "dtype": str(tool.dtype)}
+
+
+def task_peak(args) -> dict:
+    """FLOP/s of a large square matmul, best of `repeats`, in fp32 and bf16."""
+    import torch
+
+    n = args.size
+    result = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        result[name] = 2 * n**3 / timed(lambda: torch.mm(a, b), args.repeats, 1)["best"]
+    return result
+
+
+TASKS = {"load": task_load, "unet": task_unet, "vae": task_vae, "image": task_image, "peak": task_peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("tool", choices=("sdcli", "diffusers"))
+    parser.add_argument("--config", default="sd15")
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--folder", type=Path, help="diffusers config folder written by bench.py")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="sdcli: Pipeline.load(compile=True)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads for this process")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = TASKS[args.task](args)
+    result["loadavg"] = os.getloadavg()[0]
+    sys.stdout.write("BENCH " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -14,8 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import reference  # noqa: E402  (tests/ holds the reference toolkit)
 from sdcli.config import load_config  # noqa: E402
+
+import reference  # noqa: E402  (tests/ holds the reference toolkit)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

@@ -45,7 +45,8 @@ def check_request(request: Request, config: ModelConfig) -> Request:
         raise RequestError(f"--steps must be at least 1, got {request.steps}")
     if request.steps > config.schedule.num_train_timesteps:
         raise RequestError(
-            f"--steps must be at most {config.schedule.num_train_timesteps} (the training timesteps), got {request.steps}"
+            f"--steps must be at most {config.schedule.num_train_timesteps} (the training timesteps), "
+            f"got {request.steps}"
         )
     if not request.guidance >= 0 or request.guidance == float("inf"):
         raise RequestError(f"--guidance must be a finite number >= 0, got {request.guidance}")

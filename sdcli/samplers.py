@@ -183,7 +183,7 @@ def sample_lms(denoise: Denoiser, x: Tensor, timesteps: Tensor, sigmas: Tensor, 
     for i, t in enumerate(timesteps):
         ds = (ds + [to_d(x, sigmas[i], denoise(x, sigmas[i], t))])[-order:]
         coeffs = [lms_coefficient(sigma_list, i, len(ds), j) for j in range(len(ds))]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True))
     return x
 
 

@@ -68,7 +68,8 @@ def interpolate(x: Tensor, table: Tensor) -> Tensor:
 
 
 def linspace_sigmas(steps: int, schedule: ScheduleConfig) -> tuple[Tensor, Tensor]:
-    """Euler, Euler ancestral, Heun and LMS "linspace" spacing: fractional timesteps (steps,) and sigmas (steps+1,) ending in 0."""
+    """Euler, Euler ancestral, Heun and LMS "linspace" spacing: fractional timesteps (steps,) and sigmas
+    (steps+1,) ending in 0."""
     timesteps = _linspace(schedule.num_train_timesteps - 1, steps).flip(0).float()
     sigmas = interpolate(timesteps.double(), training_sigmas(schedule))
     return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)]).float()

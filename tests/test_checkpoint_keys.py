@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import reference
 from sdcli.config import load_config
+
+import reference
 
 REAL = ("sd15", "sd21-v")
 

@@ -76,11 +76,13 @@ def test_unknown_default_sampler():
 
 
 def test_heads_and_head_dim_are_exclusive():
-    assert "exactly one of num_heads and head_dim" in _error(_yaml(**{"  num_heads: 8": "  num_heads: 8\n  head_dim: 64"}))
+    both = _yaml(**{"  num_heads: 8": "  num_heads: 8\n  head_dim: 64"})
+    assert "exactly one of num_heads and head_dim" in _error(both)
 
 
 def test_attention_level_outside_the_unet():
-    assert "attention_levels' has level 7" in _error(_yaml(**{"attention_levels: [0, 1, 2]": "attention_levels: [0, 7]"}))
+    outside = _yaml(**{"attention_levels: [0, 1, 2]": "attention_levels: [0, 7]"})
+    assert "attention_levels' has level 7" in _error(outside)
 
 
 def test_negative_number_rejected():

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-import reference
 from sdcli.config import ModelConfig, load_config
+
+import reference
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 PROMPT = "a photograph of an astronaut riding a horse"

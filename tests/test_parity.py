@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from reference import diffusers_pipeline, diffusers_render, psnr, tiny_config, write_random_checkpoint
 from sdcli.config import SAMPLERS
 from sdcli.pipeline import Pipeline
 from sdcli.request import Request
+
+from reference import diffusers_pipeline, diffusers_render, psnr, tiny_config, write_random_checkpoint
 
 MODELS = [("sd1", "epsilon"), ("sd2", "v_prediction"), ("sd2", "epsilon")]
 PROMPT, NEGATIVE = "a photo of an astronaut riding a horse, highly detailed", "blurry"
@@ -28,7 +29,8 @@ def both(request, tmp_path_factory):
     return config, ours, theirs
 
 
-def render_both(config, ours, theirs, sampler, *, seed=7, steps=5, guidance=7.5, width=64, height=48, negative=NEGATIVE):
+def render_both(config, ours, theirs, sampler, *, seed=7, steps=5, guidance=7.5, width=64, height=48,
+                negative=NEGATIVE):
     from reference import diffusers_scheduler
 
     theirs.scheduler = diffusers_scheduler(config, sampler)
@@ -67,6 +69,6 @@ def test_batched_images_equal_single_renders(both):
     requests = [Request(PROMPT, NEGATIVE, seed, 4, 7.5, "euler_a", 32, 32) for seed in (11, 12)]
     batched = [np.asarray(im) for im in ours.generate(requests)]
     alone = [np.asarray(ours.generate([r])[0]) for r in requests]
-    for b, a in zip(batched, alone):
+    for b, a in zip(batched, alone, strict=True):
         assert np.abs(b.astype(int) - a.astype(int)).max() <= 1
     assert not np.array_equal(batched[0], batched[1])

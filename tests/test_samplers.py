@@ -140,12 +140,12 @@ def noise_levels(sampler: str, steps: int, schedule: ScheduleConfig) -> dict[flo
     """t -> (alpha, sigma_vp) of the sampler's own schedule, so a toy network can know its noise level."""
     if sampler in ("ddim", "pndm"):
         timesteps, alpha_bars = leading_alpha_bars(steps, schedule)
-        return {t: (ab**0.5, (1 - ab) ** 0.5) for t, ab in zip(timesteps.tolist(), alpha_bars)}
+        return {t: (ab**0.5, (1 - ab) ** 0.5) for t, ab in zip(timesteps.tolist(), alpha_bars, strict=False)}
     if sampler.startswith("dpmpp"):
         timesteps, sigmas = dpm_sigmas(steps, schedule, karras=sampler.endswith("karras"))
     else:
         timesteps, sigmas = linspace_sigmas(steps, schedule)
-    return {t: vp_coefficients(sigma) for t, sigma in zip(timesteps.tolist(), sigmas)}
+    return {t: vp_coefficients(sigma) for t, sigma in zip(timesteps.tolist(), sigmas, strict=False)}
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])

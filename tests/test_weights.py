@@ -10,10 +10,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from reference import tiny_config, write_random_checkpoint
 from sdcli.checkpoint import UNET_PREFIX
 from sdcli.errors import CheckpointError
 from sdcli.weights import expected_keys, load_components
+
+from reference import tiny_config, write_random_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -75,7 +76,8 @@ def test_wrong_shape_names_key_expected_and_found(sd1, tmp_path):
     config, path = sd1
     key = "model.diffusion_model.out.2.weight"
     bad = _rewrite(path, tmp_path / "bad.safetensors", reshape=key)
-    with pytest.raises(CheckpointError, match=r"'model\.diffusion_model\.out\.2\.weight' has shape \[3, 3\], expected \[4, 32, 3, 3\]"):
+    message = r"'model\.diffusion_model\.out\.2\.weight' has shape \[3, 3\], expected \[4, 32, 3, 3\]"
+    with pytest.raises(CheckpointError, match=message):
         load_components(config, bad, CPU, torch.float32)
 
 
@@ -104,7 +106,13 @@ def test_truncated_file(sd1, tmp_path):
 
 @pytest.mark.parametrize(
     "blob",
-    [b"", b"\x01\x02", struct.pack("<Q", 10**12) + b"{}", struct.pack("<Q", 5) + b"nope!", struct.pack("<Q", 2) + b"[]"],
+    [
+        b"",
+        b"\x01\x02",
+        struct.pack("<Q", 10**12) + b"{}",
+        struct.pack("<Q", 5) + b"nope!",
+        struct.pack("<Q", 2) + b"[]",
+    ],
     ids=["empty", "short", "huge-header", "not-json", "not-a-table"],
 )
 def test_corrupt_header(sd1, tmp_path, blob):

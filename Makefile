@@ -17,3 +17,11 @@ test:
 # ruff when it is installed, else at least a syntax check of every file
 lint:
 	if $(PY) -m ruff --version >/dev/null 2>&1; then $(PY) -m ruff check sdcli tests; else $(PY) -m compileall -q sdcli tests; fi
+
+# sdcli against diffusers side by side (docs/performance.md); bench-smoke checks the benchmark on a tiny model
+.PHONY: bench bench-smoke
+bench:
+	$(PY) bench/bench.py $(BENCH_ARGS)
+
+bench-smoke:
+	$(PY) bench/bench.py --smoke $(BENCH_ARGS)

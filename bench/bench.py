@@ -61,16 +61,31 @@ def figures(smoke: bool) -> list[Figure]:
     load = Figure("load", "cold load: process start to model ready", "load", **once)
     vae_small = Figure("vae_small", f"VAE decode {small}x{small}", "vae", size=small, flops="vae", **once)
     vae_large = Figure("vae_large", f"VAE decode {large}x{large}", "vae", size=large, repeats=1, warmup=0, flops="vae")
-    image = Figure("image", f"whole image {small}x{small}, {steps} steps dpmpp_2m_karras, default dtype", "image",
-                   size=small, repeats=1, warmup=0, extra={"steps": steps})
-    unet = Figure("unet_fp32", f"U-Net call with CFG {small}x{small}, fp32", "unet", dtype="fp32", size=small,
-                  flops="unet", **once)
+    image = Figure(
+        "image",
+        f"whole image {small}x{small}, {steps} steps dpmpp_2m_karras, default dtype",
+        "image",
+        size=small,
+        repeats=1,
+        warmup=0,
+        extra={"steps": steps},
+    )
+    unet = Figure(
+        "unet_fp32",
+        f"U-Net call with CFG {small}x{small}, fp32",
+        "unet",
+        dtype="fp32",
+        size=small,
+        flops="unet",
+        **once,
+    )
     return [
         load,
         memory(load, "cold load: peak RSS"),
         unet,
-        dataclasses.replace(unet, name="unet_bf16", label=unet.label.replace("fp32", "bf16"), dtype="bf16",
-                            peak_dtype="bf16"),
+        dataclasses.replace(
+            unet, name="unet_bf16", label=unet.label.replace("fp32", "bf16"), dtype="bf16", peak_dtype="bf16"
+        ),
         vae_small,
         memory(vae_small, f"VAE decode {small}x{small}: peak RSS"),
         vae_large,
@@ -93,8 +108,21 @@ def memory(figure: Figure, label: str) -> Figure:
 
 def run_worker(figure: Figure, tool: str, common: list[str]) -> dict:
     """One fresh worker process; its BENCH line as a dict (with `error` when it failed)."""
-    args = [sys.executable, str(WORKER), figure.task, tool, *common, "--dtype", figure.dtype, "--size",
-            str(figure.size), "--repeats", str(figure.repeats), "--warmup", str(figure.warmup)]
+    args = [
+        sys.executable,
+        str(WORKER),
+        figure.task,
+        tool,
+        *common,
+        "--dtype",
+        figure.dtype,
+        "--size",
+        str(figure.size),
+        "--repeats",
+        str(figure.repeats),
+        "--warmup",
+        str(figure.warmup),
+    ]
     for key, value in figure.extra.items():
         args += [f"--{key}", str(value)]
     started = time.time()
@@ -103,7 +131,7 @@ def run_worker(figure: Figure, tool: str, common: list[str]) -> dict:
     if proc.returncode or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    result = json.loads(lines[-1][len("BENCH "):])
+    result = json.loads(lines[-1][len("BENCH ") :])
     if figure.task == "load":
         result["seconds"] = [result["ready_at"] - started]  # from before the spawn, not the interpreter's start
     return result
@@ -141,8 +169,11 @@ def _fold(runs: list[dict]) -> dict:
     good = [r for r in runs if "error" not in r]
     if not good:
         return runs[0]
-    return {"seconds": [s for r in good for s in r["seconds"]], "peak_gib": max(r["peak_gib"] for r in good),
-            "runs": runs}
+    return {
+        "seconds": [s for r in good for s in r["seconds"]],
+        "peak_gib": max(r["peak_gib"] for r in good),
+        "runs": runs,
+    }
 
 
 def count_flops(config, sizes: tuple[int, ...]) -> dict[str, dict[int, float]]:
@@ -166,8 +197,9 @@ def count_flops(config, sizes: tuple[int, ...]) -> dict[str, dict[int, float]]:
         for size in sizes:
             latent = (size // factor, size // factor)
             x = torch.empty(2, config.unet.in_channels, *latent)
-            result["unet"][size] = flops(lambda: unet(x, torch.empty(2), context))
-            result["vae"][size] = flops(lambda: vae.decode(torch.empty(1, config.vae.latent_channels, *latent)))
+            z = torch.empty(1, config.vae.latent_channels, *latent)
+            result["unet"][size] = flops(lambda x=x: unet(x, torch.empty(2), context))
+            result["vae"][size] = flops(lambda z=z: vae.decode(z))
     return result
 
 
@@ -205,8 +237,14 @@ def value(result: dict, figure: Figure, stat: str) -> float | None:
 
 def row(figure: Figure, results: dict, stat: str, flops: dict, peak: dict) -> dict:
     values = {tool: value(results[tool], figure, stat) for tool in TOOLS}
-    out = {"name": figure.name, "label": figure.label, "unit": "GiB" if figure.memory else "s", **values,
-           "ratio": values["sdcli"] / values["diffusers"] if None not in values.values() else None, "raw": results}
+    out = {
+        "name": figure.name,
+        "label": figure.label,
+        "unit": "GiB" if figure.memory else "s",
+        **values,
+        "ratio": values["sdcli"] / values["diffusers"] if None not in values.values() else None,
+        "raw": results,
+    }
     if figure.flops and peak:
         count = flops[figure.flops][figure.size]
         out["flops"] = count
@@ -226,14 +264,21 @@ def format_table(rows: list[dict]) -> str:
 
     header = ("figure", "sdcli", "diffusers", "ratio", "sdcli %peak", "diffusers %peak")
     lines = [header] + [
-        (r["label"], number(r["sdcli"], r["unit"]), number(r["diffusers"], r["unit"]),
-         f"{r['ratio']:.2f}" if r["ratio"] is not None else "", share(r, "sdcli"), share(r, "diffusers"))
+        (
+            r["label"],
+            number(r["sdcli"], r["unit"]),
+            number(r["diffusers"], r["unit"]),
+            f"{r['ratio']:.2f}" if r["ratio"] is not None else "",
+            share(r, "sdcli"),
+            share(r, "diffusers"),
+        )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
 
     def fmt(line):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        cells = zip(line, widths, strict=True)
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(cells))
 
     return "\n".join([fmt(lines[0]), "  ".join("-" * w for w in widths), *map(fmt, lines[1:])])
 

@@ -41,9 +41,7 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise RequestError(f"unknown device '{name}'; expected auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and (
-        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
-    ):
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise RequestError(f"device '{name}' is not available on this machine")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise RequestError("device 'mps' is not available on this machine")
@@ -61,10 +59,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def layouts(device: torch.device, dtype: torch.dtype) -> tuple[torch.memory_format, torch.memory_format]:
+    """(U-Net, VAE) activation layouts. NHWC is oneDNN's and cuDNN's native conv layout; on a 2-core AVX-512
+    CPU it made the fp32 VAE decode 5-10% faster and bf16 convs up to 1.8x faster, but the fp32 U-Net 3-5%
+    slower, so that one stays NCHW (docs/performance.md)."""
+    if device.type not in ("cpu", "cuda"):
+        return torch.contiguous_format, torch.contiguous_format
+    unet = torch.contiguous_format if device.type == "cpu" and dtype == torch.float32 else torch.channels_last
+    return unet, torch.channels_last
+
+
 def compiled(unet: torch.nn.Module) -> Callable:
-    """The U-Net through torch.compile. Inductor caches the code it generates; keeping that cache in sdcli's
-    cache folder ($SDCLI_HOME/cache or $XDG_CACHE_HOME/sdcli) rather than /tmp lets later processes skip the
-    minutes of code generation, unless the user chose a folder with TORCHINDUCTOR_CACHE_DIR."""
+    """The U-Net through torch.compile, its weights frozen into the graph (inference only, so inductor may
+    fold and prepack them; fp32 stays within 1e-5 of eager). Inductor caches the code it generates; keeping
+    that cache in sdcli's cache folder ($SDCLI_HOME/cache or $XDG_CACHE_HOME/sdcli) rather than /tmp lets
+    later processes skip minutes of code generation, unless TORCHINDUCTOR_CACHE_DIR names another folder."""
     if not INDUCTOR_CACHE_CHOSEN:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
     return torch.compile(unet, dynamic=False, options={"freezing": True})
@@ -87,9 +96,11 @@ class Pipeline:
         self.device = device
         self.dtype = dtype
         self.tokenizer = Tokenizer(config.text)
-        # NHWC is oneDNN's and cuDNN's native conv layout: activations in it skip a reorder around every conv
-        # (bf16 convs on this CPU ran 1.8x faster); the weights may stay as loaded, the layout follows the input
-        self.memory_format = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+        self.unet_layout, self.vae_layout = layouts(device, dtype)
+        # weights in the activations' layout, so no conv reorders its weight on every call
+        for net, layout in ((nets.unet, self.unet_layout), (nets.vae, self.vae_layout)):
+            if layout == torch.channels_last:
+                net.to(memory_format=layout)
         self.unet = compiled(nets.unet) if compile else nets.unet
 
     @classmethod
@@ -118,9 +129,10 @@ class Pipeline:
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Token ids -> the text context the U-Net cross-attends to, (B, 77, D)."""
         ids, truncated = self.tokenizer(list(prompts))
-        for prompt, cut in zip(prompts, truncated):
+        for prompt, cut in zip(prompts, truncated, strict=True):
             if cut:
-                log.warning("prompt longer than %d tokens was truncated: %.60s...", self.config.text.context_length - 2, prompt)
+                keep = self.config.text.context_length - 2
+                log.warning("prompt longer than %d tokens was truncated: %.60s...", keep, prompt)
         return self.nets.text(ids.to(self.device))
 
     def initial_noise(self, requests: Sequence[Request]) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -136,9 +148,11 @@ class Pipeline:
 
     def guided_model(self, context: torch.Tensor, uncond: torch.Tensor | None, guidance: float) -> Callable:
         """The U-Net with classifier-free guidance in one batched call: (uncond, cond) in, combined out."""
-        unet, layout = self.unet, self.memory_format
+        unet, layout = self.unet, self.unet_layout
         if uncond is None:
-            return lambda x, t: unet(x.contiguous(memory_format=layout), t.to(self.device, torch.float32).expand(x.shape[0]), context)
+            return lambda x, t: unet(
+                x.contiguous(memory_format=layout), t.to(self.device, torch.float32).expand(x.shape[0]), context
+            )
         both = torch.cat([uncond, context])
 
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -155,7 +169,7 @@ class Pipeline:
         stays near two full-resolution activations at any size, with the whole decode's result."""
         vae = self.nets.vae
         z = latents.to(next(vae.parameters()).dtype) / self.config.vae.scale_factor
-        image = decode_in_bands(vae, z.contiguous(memory_format=self.memory_format))
+        image = decode_in_bands(vae, z.contiguous(memory_format=self.vae_layout))
         return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
 
     @torch.inference_mode()

@@ -4,10 +4,11 @@ one text-encoder batch for prompt and negative, bf16 close to fp32, and torch.co
 import numpy as np
 import pytest
 import torch
-from reference import psnr, tiny_config, write_random_checkpoint
 
 from sdcli.pipeline import Pipeline
 from sdcli.request import Request
+
+from reference import psnr, tiny_config, write_random_checkpoint
 
 
 def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -17,8 +18,8 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     config = tiny_config("sd1", "epsilon")
-    path = write_random_checkpoint(config, tmp_path_factory.mktemp("perf") / "tiny.safetensors", dtype=torch.float32, seed=5)
-    return config, path
+    path = tmp_path_factory.mktemp("perf") / "tiny.safetensors"
+    return config, write_random_checkpoint(config, path, dtype=torch.float32, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -104,8 +104,9 @@ def _moments(x: Tensor, norm: nn.GroupNorm, band_pixels: int) -> tuple[Tensor, T
     m2 = torch.zeros(groups, dtype=torch.float64)  # sum of squared deviations from the mean
     for top, bottom in _bands(x, band_pixels):
         band = x[:, :, top:bottom].float()
-        n_b = band[0, 0].numel() * (x.shape[1] // groups)
-        _, mean_b, rstd_b = torch.native_group_norm(band, None, None, 1, x.shape[1], band[0, 0].numel(), groups, norm.eps)
+        pixels = band[0, 0].numel()
+        n_b = pixels * (x.shape[1] // groups)
+        _, mean_b, rstd_b = torch.native_group_norm(band, None, None, 1, x.shape[1], pixels, groups, norm.eps)
         mean_b, var_b = mean_b.cpu().double().flatten(), rstd_b.cpu().double().flatten() ** -2 - norm.eps
         delta = mean_b - mean
         total = count + n_b
@@ -132,7 +133,8 @@ def _bands(x: Tensor, band_pixels: int) -> list[tuple[int, int]]:
 
 
 def _format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def _empty_like(x: Tensor, channels: int, size: tuple[int, int] | None = None) -> Tensor:

@@ -51,11 +51,8 @@ class ResidualAttentionBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.width)
         self.attn = nn.MultiheadAttention(cfg.width, cfg.heads, batch_first=True)
         self.ln_2 = nn.LayerNorm(cfg.width)
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                c_fc=nn.Linear(cfg.width, hidden), gelu=ACTIVATIONS[cfg.activation](), c_proj=nn.Linear(hidden, cfg.width)
-            )
-        )
+        layers = {"c_fc": nn.Linear(cfg.width, hidden), "gelu": ACTIVATIONS[cfg.activation]()}
+        self.mlp = nn.Sequential(OrderedDict(layers, c_proj=nn.Linear(hidden, cfg.width)))
 
     def forward(self, x: Tensor, causal: Tensor) -> Tensor:
         y = self.ln_1(x)
@@ -183,7 +180,7 @@ class Tokenizer:
         keep = self.context_length - 2  # room left by the start and end tokens
         ids = torch.full((len(prompts), self.context_length), self.pad_id, dtype=torch.long)
         truncated = []
-        for row, prompt in zip(ids, prompts):
+        for row, prompt in zip(ids, prompts, strict=True):
             tokens = self.encode(prompt)
             truncated.append(len(tokens) > keep)
             sequence = [self.start_id, *tokens[:keep], self.end_id]
@@ -205,7 +202,7 @@ class Tokenizer:
             return self.words[word].split(" ")
         symbols = [*word[:-1], word[-1] + "</w>"]
         while len(symbols) > 1:
-            pairs = set(zip(symbols, symbols[1:]))
+            pairs = set(zip(symbols, symbols[1:], strict=False))
             best = min(pairs, key=lambda pair: self.ranks.get(pair, float("inf")))
             if best not in self.ranks:
                 break
@@ -236,7 +233,7 @@ def _merges(vocab_size: int) -> list[tuple[str, str]]:
     """The first vocab_size - 2*256 - 2 merges of OpenCLIP's BPE file (its header line skipped)."""
     spec = importlib.util.find_spec("open_clip")  # locates the package's data without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("the tokenizer needs the open_clip_torch package (its BPE vocabulary); pip install open_clip_torch")
+        raise ConfigError("the tokenizer reads open_clip_torch's BPE vocabulary: pip install open_clip_torch")
     path = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(path).read().decode("utf-8").split("\n")
     count = vocab_size - 2 * BYTE_TOKENS - 2

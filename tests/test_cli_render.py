@@ -12,21 +12,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from sdcli.outputs import infotext
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny renders are faster on one thread, above all on a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def pairs(folder: Path) -> list[str]:

@@ -27,15 +27,6 @@ from sdcli.outputs import TEMP_SUFFIX
 OVERFLOW = 1e30  # a guidance scale that overflows fp32 in the guided noise estimate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny renders are faster on one thread, above all on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def pairs(folder: Path, *, temps_allowed: bool = False) -> list[str]:
     """Stems of the complete PNG + JSON pairs; fails on orphans, on any other file, and on temporary files
     unless `temps_allowed` (a killed process may leave its hidden temporary file behind)."""

@@ -24,15 +24,6 @@ PER_RUN = {"elapsed", "created", "device"}  # metadata that may differ between t
 PROMPTS = '"a red circle"\n"b"\n"c"\n{"prompt": "d", "steps": 1}\n"e"\n"f"\n"g"\n'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny renders are faster on one thread, above all on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("text, shard", [("0/1", Shard(0, 1)), ("2/3", Shard(2, 3)), (" 0/16 ", Shard(0, 16))])
 def test_parse_shard(text, shard):
     assert parse_shard(text) == shard

@@ -98,8 +98,9 @@ def _run_free(meta: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def single_run(tiny_model, tmp_path_factory) -> tuple[Path, Path, tuple]:
-    """The job run by one process: (prompt file, its output folder, the common arguments)."""
+def single_run(tmp_path_factory) -> tuple[Path, Path, tuple]:
+    """The job run by one process over the bundled demo model: (prompt file, its output folder, the
+    common arguments)."""
     from typer.testing import CliRunner
 
     from sdcli.cli import app
@@ -107,7 +108,7 @@ def single_run(tiny_model, tmp_path_factory) -> tuple[Path, Path, tuple]:
     folder = tmp_path_factory.mktemp("single")
     prompts = folder / "p.jsonl"
     prompts.write_text(PROMPTS)
-    args = ("-c", str(tiny_model), "--steps", "2", "--batch-size", "2")
+    args = ("-c", "demo", "--steps", "2", "--batch-size", "2")
     ran = CliRunner().invoke(app, ["batch", str(prompts), "-o", str(folder / "out"), *args, "-q"])
     assert ran.exit_code == 0, ran.stderr
     return prompts, folder / "out", args

@@ -90,12 +90,6 @@ class Sdcli:
         with torch.inference_mode():
             return model(x, torch.tensor(999.0))
 
-    def drop_all_but_vae(self) -> None:
-        self.pipe.nets.unet = self.pipe.nets.text = self.pipe.unet = None
-
-    def decode(self, latents):
-        return self.pipe.decode(latents)
-
     def render(self, size: int, steps: int):
         from sdcli.request import Request
 
@@ -151,16 +145,6 @@ class Diffusers:
 
         with torch.no_grad():  # what the diffusers pipeline runs under
             return model(x, torch.tensor(999.0))
-
-    def drop_all_but_vae(self) -> None:
-        self.pipe.unet = self.pipe.text_encoder = None
-
-    def decode(self, latents):
-        import torch
-
-        vae = self.pipe.vae
-        with torch.no_grad():
-            return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
 
     def render(self, size: int, steps: int):
         import torch
@@ -221,16 +205,58 @@ def task_unet(args) -> dict:
     return {**timed(lambda: tool.unet_call(model, x), args.repeats, args.warmup), "dtype": str(tool.dtype)}
 
 
+def sdcli_decoder(config, checkpoint: Path):
+    """sdcli's Pipeline.decode over a process that holds only the VAE, read from the file as weights.py does:
+    built on the meta device, filled one tensor at a time, cast to fp32."""
+    import torch
+    from safetensors import safe_open
+
+    from sdcli.checkpoint import VAE_PREFIX
+    from sdcli.nets.vae import AutoencoderKL
+    from sdcli.pipeline import Pipeline
+    from sdcli.weights import Components
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(config.vae)
+    with safe_open(str(checkpoint), framework="pt") as f:
+        state = {name: f.get_tensor(VAE_PREFIX + name).float() for name in vae.state_dict()}
+    vae.load_state_dict(state, strict=True, assign=True)
+    nets = Components(unet=None, vae=vae.eval().requires_grad_(False), text=None)
+    return Pipeline(config, checkpoint, nets, torch.device("cpu"), torch.float32).decode
+
+
+def diffusers_decoder(checkpoint: Path, folder: Path):
+    """diffusers' AutoencoderKL alone, from the same single file, decoding as its pipeline does."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_single_file(
+        str(checkpoint), config=str(folder), subfolder="vae", local_files_only=True, torch_dtype=torch.float32
+    )
+
+    def decode(latents):
+        with torch.no_grad():
+            return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+    return decode
+
+
 def task_vae(args) -> dict:
+    """A process that loads only the VAE, as the decode's memory is the point: other networks freed before it
+    would leave their pages to glibc's heap, which then counts toward the decode."""
     import torch
 
-    tool = load_tool(args)
-    tool.drop_all_but_vae()
-    factor = tool.config.vae.downsample
+    config = model_config(args.config)
+    decode = (
+        sdcli_decoder(config, args.checkpoint)
+        if args.tool == "sdcli"
+        else diffusers_decoder(args.checkpoint, args.folder)
+    )
+    factor = config.vae.downsample
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, tool.config.vae.latent_channels, args.size // factor, args.size // factor, generator=g)
-    latents = latents * tool.config.vae.scale_factor  # what a sampler hands over
-    return timed(lambda: tool.decode(latents), args.repeats, args.warmup)
+    latents = torch.randn(1, config.vae.latent_channels, args.size // factor, args.size // factor, generator=g)
+    latents = latents * config.vae.scale_factor  # what a sampler hands over
+    return timed(lambda: decode(latents), args.repeats, args.warmup)
 
 
 def task_image(args) -> dict:

@@ -81,24 +81,37 @@ def test_moments_are_the_whole_image_group_norm():
         norm.bias.normal_(0, 0.2)
     x = torch.randn(1, 16, 11, 7) * 3 + 2
     with torch.inference_mode():
-        moments = bands._moments(x, norm, band_pixels=14)  # 2 rows per band, the last band a single row
-        normed = F.batch_norm(x, *moments, norm.weight, norm.bias, training=False, eps=norm.eps)
+        moments = bands.Moments.of(x, norm.num_groups, band_pixels=14)  # 2 rows per band, the last one row
+        normed = F.batch_norm(x, *moments.per_channel(16, x.device), norm.weight, norm.bias, False, eps=norm.eps)
         expected = norm(x)
     assert relative_error(normed, expected) <= 1e-5
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_a_res_block_writes_over_its_input(model, channels_last):
-    """The memory claim: a banded res block's output lives in its input's storage, so no third full-size
-    tensor is allocated."""
+def test_the_top_level_runs_inside_its_input(model, channels_last):
+    """The memory claim: the top level's first block halves the width, so every block keeps its hidden
+    activation and output in the upsampled input's own memory (overwritten band by band, the row above each
+    band carried over); nothing of full size is allocated, and the result is still the plain blocks'."""
     cfg, vae = model
-    block = next(b for level in vae.decoder.up for b in level.block if b.conv1.in_channels >= b.conv2.out_channels)
+    level = vae.decoder.up[0]
+    assert 2 * level.block[0].conv2.out_channels <= level.block[0].conv1.in_channels
     torch.manual_seed(6)
-    x = torch.randn(1, block.conv1.in_channels, 9, 8)
+    x = torch.randn(1, level.block[0].conv1.in_channels, 9, 8)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        expected = block(x.clone())
-        out = bands._resnet(block, x, band_pixels=16)
-    assert out.data_ptr() == x.data_ptr()
+        expected = x.clone()
+        for block in level.block:
+            expected = block(expected)
+        out, _ = bands._level(level.block, x, None, cfg.norm_groups, band_pixels=16)  # 2 rows per band
+    assert out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     assert relative_error(out, expected) <= 1e-5
+
+
+def test_moments_of_a_constant_map():
+    """With eps 0 GroupNorm's kernel reports rstd = inf for a flat group; its variance must come back as 0."""
+    x = torch.full((1, 8, 5, 4), 3.0)
+    x[:, 4:] = torch.randn(1, 4, 5, 4)
+    mean, var = bands.Moments.of(x, groups=2, band_pixels=8).per_channel(8, x.device)
+    assert torch.equal(mean[:4], torch.full((4,), 3.0)) and torch.equal(var[:4], torch.zeros(4))
+    assert torch.isfinite(var).all()

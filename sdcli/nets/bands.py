@@ -2,9 +2,10 @@
 
 A whole-image decode holds several full-resolution activations at once (a norm output, its SiLU, a conv
 input copy); at 1024x1024 that is gigabytes. Here every 3x3 conv reads its input band plus one halo row
-above and below, GroupNorm uses statistics of the whole image (computed in a cheap pass before the band
-loop), and a res block writes its output over its own input. So at most two full-resolution tensors live
-at a time, and the result equals `AutoencoderKL.decode` to float rounding: no tile seams, no approximation.
+above and below, GroupNorm uses statistics of the whole image (gathered band by band as each map is made,
+so they are known before the next layer starts), and res blocks write into memory the level already has.
+So the largest map, the last upsampling's output, is about all that is held, and the result equals
+`AutoencoderKL.decode` to float rounding: no tile seams, no approximation.
 """
 
 from __future__ import annotations
@@ -25,21 +26,63 @@ def decode_in_bands(vae: AutoencoderKL, z: Tensor, band_pixels: int = BAND_PIXEL
     return torch.cat([_decode_one(vae.decoder, z[i : i + 1], band_pixels) for i in range(z.shape[0])])
 
 
+class Moments:
+    """Per-group mean and variance of a map, merged band by band as the bands are made (Chan et al. 1979).
+
+    Each band's own moments come from torch's GroupNorm kernel (its fastest reduction, run here with eps 0
+    so the variance comes back exactly from rstd), in float32 also for bf16 maps; the merge is float64."""
+
+    def __init__(self, groups: int):
+        self.groups, self.count = groups, 0
+        self.mean = torch.zeros(groups, dtype=torch.float64)
+        self.m2 = torch.zeros(groups, dtype=torch.float64)  # sum of squared deviations from the mean
+
+    def add(self, band: Tensor) -> Tensor:
+        """Fold in a band (1, C, rows, W); returns it, so a producer can pass it on."""
+        pixels = band[0, 0].numel()
+        _, mean, rstd = torch.native_group_norm(band.float(), None, None, 1, band.shape[1], pixels, self.groups, 0.0)
+        mean, var = mean.cpu().double().flatten(), rstd.cpu().double().flatten() ** -2
+        n = pixels * (band.shape[1] // self.groups)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + var * n + delta**2 * (self.count * n / total)
+        self.count = total
+        return band
+
+    def per_channel(self, channels: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(mean, var) of each channel's group, float32 (C,)."""
+        repeat = channels // self.groups
+        return tuple(m.float().repeat_interleave(repeat).to(device) for m in (self.mean, self.m2 / self.count))
+
+    @classmethod
+    def of(cls, x: Tensor, groups: int, band_pixels: int) -> Moments:
+        """The moments of a map made whole by a plain module."""
+        moments = cls(groups)
+        for top, bottom in _bands(x, band_pixels):
+            moments.add(x[:, :, top:bottom])
+        return moments
+
+
 def _decode_one(decoder: Decoder, z: Tensor, band_pixels: int) -> Tensor:
     """Decoder.forward for one image, maps larger than a band going through the banded layers."""
-    h = decoder.mid(decoder.conv_in(z))  # latent resolution: small, and the attention needs it whole
+    norm = decoder.norm_out
+    groups = norm.num_groups  # every GroupNorm of the decoder has VAEConfig.norm_groups
+    h, moments = decoder.mid(decoder.conv_in(z)), None  # latent resolution: small, the attention needs it whole
     for level in reversed(decoder.up):
-        for block in level.block:
-            h = block(h) if _fits(h.shape, band_pixels) else _resnet(block, h, band_pixels)
+        h, moments = _level(level.block, h, moments, groups, band_pixels)
         if isinstance(level.upsample, Upsample):
-            small = _fits((2 * h.shape[2], 2 * h.shape[3]), band_pixels)
-            h = level.upsample(h) if small else _upsample(level.upsample, h, band_pixels)
+            h = _compact(h)  # on a line of its own, so the wider buffer goes before the 4x larger output comes
+            if _fits((2 * h.shape[2], 2 * h.shape[3]), band_pixels):
+                h, moments = level.upsample(h), None
+            else:
+                h, moments = _upsample(level.upsample, h, groups, band_pixels)
     if _fits(h.shape, band_pixels):
-        return decoder.conv_out(F.silu(decoder.norm_out(h)))
+        return decoder.conv_out(F.silu(norm(h)))
+    stats = (moments or Moments.of(h, groups, band_pixels)).per_channel(h.shape[1], h.device)
     out = _empty_like(h, decoder.conv_out.out_channels)
-    moments = _moments(h, decoder.norm_out, band_pixels)
     for top, bottom in _bands(h, band_pixels):
-        out[:, :, top:bottom] = _conv_rows(decoder.conv_out, h, top, bottom, decoder.norm_out, moments)
+        out[:, :, top:bottom] = _conv_rows(decoder.conv_out, h, top, bottom, norm, stats)
     return out
 
 
@@ -48,38 +91,90 @@ def _fits(shape, band_pixels: int) -> bool:
     return shape[-2] * shape[-1] <= band_pixels
 
 
-def _resnet(block: ResnetBlock, x: Tensor, band_pixels: int) -> Tensor:
-    """`block(x)`, band by band; consumes x, whose memory receives the output when it is wide enough."""
-    hidden = _empty_like(x, block.conv1.out_channels)
-    moments = _moments(x, block.norm1, band_pixels)
-    for top, bottom in _bands(x, band_pixels):
-        hidden[:, :, top:bottom] = _conv_rows(block.conv1, x, top, bottom, block.norm1, moments)
-    moments = _moments(hidden, block.norm2, band_pixels)
-    width = block.conv2.out_channels
-    out = _reuse(x, width) if width <= x.shape[1] else _empty_like(x, width)
-    for top, bottom in _bands(x, band_pixels):
-        # the skip reads only this band's rows of x, which are taken before out (x's memory) is written
-        skip = block.nin_shortcut(x[:, :, top:bottom])
-        out[:, :, top:bottom] = skip + _conv_rows(block.conv2, hidden, top, bottom, block.norm2, moments)
-    return out
+def _level(
+    blocks, buffer: Tensor, moments: Moments | None, groups: int, band_pixels: int
+) -> tuple[Tensor, Moments | None]:
+    """A level's res blocks, consuming `buffer`, their input (with its moments when known); returns the output
+    and its moments. A block whose output is at most half as wide as the buffer keeps its hidden activation
+    in the buffer's low channels and its output in the high ones, so after an upsampling (256 channels into
+    128-channel blocks, at 1024x1024 a 1 GiB map) the whole level runs inside the upsampled map's memory."""
+    x = buffer
+    for block in blocks:
+        if _fits(x.shape, band_pixels):
+            x = buffer = block(x)
+            moments = None
+            continue
+        moments = moments or Moments.of(x, groups, band_pixels)
+        width, channels = buffer.shape[1], block.conv2.out_channels
+        if 2 * channels <= width:
+            # x is the whole buffer (then overwritten as the band loop passes) or a high slot, off the low one
+            hidden, out = buffer[:, :channels], buffer[:, width - channels :]
+            x, moments = _resnet(block, x, moments, hidden, out, band_pixels, consumed=x.shape[1] == width)
+        else:
+            out = x[:, :channels] if channels <= x.shape[1] else _empty_like(x, channels)
+            x, moments = _resnet(block, x, moments, _empty_like(x, channels), out, band_pixels, consumed=False)
+            buffer = x
+    return x, moments
 
 
-def _upsample(up: Upsample, x: Tensor, band_pixels: int) -> Tensor:
+def _resnet(
+    block: ResnetBlock, x: Tensor, moments: Moments, hidden: Tensor, out: Tensor, band_pixels: int, consumed: bool
+) -> tuple[Tensor, Moments]:
+    """`block(x)` into `out`, band by band, with conv1's result kept in `hidden`; returns out and its moments.
+
+    `out` may be x itself or its leading channels: each band's skip is read before the band is written.
+    With `consumed`, hidden and out overwrite x row by row during the first pass, so the skip is taken then,
+    and the row above each band, which the overwrite has destroyed, is carried over from the band before."""
+    stats = moments.per_channel(x.shape[1], x.device)
+    hidden_moments, out_moments = Moments(moments.groups), Moments(moments.groups)
+    above = None
+    for top, bottom in _bands(x, band_pixels):
+        h = hidden_moments.add(_conv_rows(block.conv1, x, top, bottom, block.norm1, stats, above))
+        if consumed:  # then x is wider than out: the skip is a conv, a tensor of its own
+            skip = block.nin_shortcut(x[:, :, top:bottom])
+            above = x[:, :, bottom - 1 : bottom].clone()
+            out[:, :, top:bottom] = skip
+        hidden[:, :, top:bottom] = h
+    stats = hidden_moments.per_channel(hidden.shape[1], x.device)
+    for top, bottom in _bands(x, band_pixels):
+        h = _conv_rows(block.conv2, hidden, top, bottom, block.norm2, stats)
+        # the skip is this band's rows of x (or what consumed kept of them), read before out is written
+        skip = out[:, :, top:bottom] if consumed else block.nin_shortcut(x[:, :, top:bottom])
+        out[:, :, top:bottom] = out_moments.add(skip + h)
+    return out, out_moments
+
+
+def _compact(x: Tensor) -> Tensor:
+    """x in memory of its own size, so a larger buffer it is a slot of can be freed."""
+    if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+        return x.clone(memory_format=_format(x))
+    return x
+
+
+def _upsample(up: Upsample, x: Tensor, groups: int, band_pixels: int) -> tuple[Tensor, Moments]:
     """`up(x)`: nearest 2x then a 3x3 conv, computed per output band from the input rows it needs."""
     height = 2 * x.shape[2]
     out = _empty_like(x, up.conv.out_channels, (height, 2 * x.shape[3]))
+    moments = Moments(groups)
     for top, bottom in _bands(out, band_pixels):
         first, last = max(top - 1, 0), min(bottom + 1, height)  # upsampled rows the conv reads
         rows = F.interpolate(x[:, :, first // 2 : (last + 1) // 2], scale_factor=2.0, mode="nearest")
         rows = rows[:, :, first % 2 :][:, :, : last - first]
-        out[:, :, top:bottom] = _conv_band(up.conv, rows, top == 0, bottom == height)
-    return out
+        out[:, :, top:bottom] = moments.add(_conv_band(up.conv, rows, top == 0, bottom == height))
+    return out, moments
 
 
-def _conv_rows(conv: nn.Conv2d, x: Tensor, top: int, bottom: int, norm: nn.GroupNorm, moments) -> Tensor:
-    """Rows top:bottom of conv(silu(norm(x))) for a 3x3 conv, from x's rows top-1:bottom+1."""
-    rows = _norm_silu(x[:, :, max(top - 1, 0) : bottom + 1], norm, moments)
-    return _conv_band(conv, rows, top == 0, bottom == x.shape[2])
+def _conv_rows(
+    conv: nn.Conv2d, x: Tensor, top: int, bottom: int, norm: nn.GroupNorm, stats, above: Tensor | None = None
+) -> Tensor:
+    """Rows top:bottom of conv(silu(norm(x))) for a 3x3 conv, from x's rows top-1:bottom+1 and per-channel
+    (mean, var) `stats` of the whole of x; `above` stands in for row top-1 when x's own has been overwritten."""
+    rows = x[:, :, max(top - 1, 0) : bottom + 1]
+    if above is not None and top > 0:
+        rows = torch.cat([above, x[:, :, top : bottom + 1]], dim=2)
+    # a band of a channel slot is not dense; batch norm would first copy it into NCHW, 6x slower than this
+    rows = rows.contiguous(memory_format=_format(x))
+    return _conv_band(conv, _norm_silu(rows, norm, stats), top == 0, bottom == x.shape[2])
 
 
 def _conv_band(conv: nn.Conv2d, rows: Tensor, at_top: bool, at_bottom: bool) -> Tensor:
@@ -94,33 +189,10 @@ def _conv_band(conv: nn.Conv2d, rows: Tensor, at_top: bool, at_bottom: bool) -> 
     return out
 
 
-def _moments(x: Tensor, norm: nn.GroupNorm, band_pixels: int) -> tuple[Tensor, Tensor]:
-    """Whole-image GroupNorm (mean, var), repeated per channel as float32 (C,).
-
-    Each band's moments come from torch's own GroupNorm kernel (the fastest reduction it has), in float32
-    also for bf16 activations, and are merged in float64 (Chan et al. 1979)."""
-    groups, count = norm.num_groups, 0
-    mean = torch.zeros(groups, dtype=torch.float64)
-    m2 = torch.zeros(groups, dtype=torch.float64)  # sum of squared deviations from the mean
-    for top, bottom in _bands(x, band_pixels):
-        band = x[:, :, top:bottom].float()
-        pixels = band[0, 0].numel()
-        n_b = pixels * (x.shape[1] // groups)
-        _, mean_b, rstd_b = torch.native_group_norm(band, None, None, 1, x.shape[1], pixels, groups, norm.eps)
-        mean_b, var_b = mean_b.cpu().double().flatten(), rstd_b.cpu().double().flatten() ** -2 - norm.eps
-        delta = mean_b - mean
-        total = count + n_b
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + var_b * n_b + delta**2 * (count * n_b / total)
-        count = total
-    per_channel = x.shape[1] // groups
-    return tuple(m.float().repeat_interleave(per_channel).to(x.device) for m in (mean, m2 / count))
-
-
-def _norm_silu(x: Tensor, norm: nn.GroupNorm, moments: tuple[Tensor, Tensor]) -> Tensor:
-    """silu(norm(x)) for a band, from whole-image moments: eval-mode batch norm with per-channel statistics
-    is the same affine map, in one fused kernel."""
-    mean, var = moments
+def _norm_silu(x: Tensor, norm: nn.GroupNorm, stats: tuple[Tensor, Tensor]) -> Tensor:
+    """silu(norm(x)) for a band, from whole-image per-channel (mean, var): eval-mode batch norm with those
+    statistics is the same affine map, in one fused kernel."""
+    mean, var = stats
     y = F.batch_norm(x, mean, var, norm.weight.float(), norm.bias.float(), training=False, eps=norm.eps)
     return F.silu(y, inplace=True)
 
@@ -133,7 +205,8 @@ def _bands(x: Tensor, band_pixels: int) -> list[tuple[int, int]]:
 
 
 def _format(x: Tensor) -> torch.memory_format:
-    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    """x's layout, also when x is a channel slot of a wider map (then no layout is contiguous)."""
+    nhwc = x.stride(1) == 1 and x.shape[2] * x.shape[3] > 1
     return torch.channels_last if nhwc else torch.contiguous_format
 
 
@@ -141,14 +214,3 @@ def _empty_like(x: Tensor, channels: int, size: tuple[int, int] | None = None) -
     """A new (1, channels, *size) tensor in x's dtype, device and layout; size defaults to x's."""
     shape = (1, channels, *(size or x.shape[2:]))
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_format(x))
-
-
-def _reuse(x: Tensor, channels: int) -> Tensor:
-    """A (1, channels, H, W) tensor over the start of x's memory, in x's layout (channels <= x's).
-
-    Safe for a band loop that reads x only at the band's own rows before writing them: in NCHW each output
-    element sits on the input element of the same place, in NHWC the written prefix stays behind the rows
-    still to be read."""
-    size = (1, channels, *x.shape[2:])
-    stride = torch.empty(size, device="meta", memory_format=_format(x)).stride()
-    return x.as_strided(size, stride)

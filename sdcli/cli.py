@@ -192,6 +192,13 @@ AllowPickle = Annotated[
         "--allow-pickle", help="Read .ckpt/.pt weights (pickles) with torch's restricted weights-only loader."
     ),
 ]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="Run the U-Net through torch.compile: minutes on first use, then cached on disk; for long batches.",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -209,11 +216,13 @@ class Run:
     quiet: bool
     fail_fast: bool
     allow_pickle: bool
+    compile: bool
 
 
 def _run_settings(
-    config, weights, device, dtype, out, name, batch_size, overwrite, json_out, quiet, fail_fast, allow_pickle
-) -> Run:
+    *, config, weights, device, dtype, out, name, batch_size, overwrite, json_out, quiet, fail_fast, allow_pickle,
+    compile_,
+) -> Run:  # fmt: skip
     """Check what can be checked without the model, so a typo fails before a multi-GB load."""
     if device is not None and not DEVICE_PATTERN.fullmatch(device):
         raise RequestError(f"--device '{device}': expected auto, cpu, cuda, cuda:N or mps")
@@ -222,7 +231,7 @@ def _run_settings(
     return Run(
         config=config or DEFAULT_CONFIG, weights=weights, device=device or "auto",
         dtype=dtype.value if dtype else "auto", out=out, batch_size=batch_size, overwrite=overwrite,
-        json=json_out, quiet=quiet, fail_fast=fail_fast, allow_pickle=allow_pickle,
+        json=json_out, quiet=quiet, fail_fast=fail_fast, allow_pickle=allow_pickle, compile=compile_,
     )  # fmt: skip
 
 
@@ -261,6 +270,7 @@ def generate(
     quiet: Quiet = False,
     fail_fast: FailFast = False,
     allow_pickle: AllowPickle = False,
+    compile_: Compile = False,
 ) -> None:
     """Render images of PROMPT (or re-render one with --from) into PNG files with JSON sidecars."""
     values = _given(
@@ -286,8 +296,10 @@ def generate(
     if not values["prompt"].strip():
         raise RequestError("the prompt is empty")
     run = _run_settings(
-        config, weights, device, dtype, out, name, batch_size, overwrite, json_out, quiet, fail_fast, allow_pickle
-    )
+        config=config, weights=weights, device=device, dtype=dtype, out=out, name=name, batch_size=batch_size,
+        overwrite=overwrite, json_out=json_out, quiet=quiet, fail_fast=fail_fast, allow_pickle=allow_pickle,
+        compile_=compile_,
+    )  # fmt: skip
     model = load_config(run.config)
     first = next_index(run.out)
     items = [Item("", 0, values)]
@@ -340,6 +352,7 @@ def batch(
     quiet: Quiet = False,
     fail_fast: FailFast = False,
     allow_pickle: AllowPickle = False,
+    compile_: Compile = False,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -350,8 +363,10 @@ def batch(
 ) -> None:
     """Render every prompt of FILE (items may override the options); a rerun skips finished images."""
     run = _run_settings(
-        config, weights, device, dtype, out, name, batch_size, overwrite, json_out, quiet, fail_fast, allow_pickle
-    )
+        config=config, weights=weights, device=device, dtype=dtype, out=out, name=name, batch_size=batch_size,
+        overwrite=overwrite, json_out=json_out, quiet=quiet, fail_fast=fail_fast, allow_pickle=allow_pickle,
+        compile_=compile_,
+    )  # fmt: skip
     part = current_shard(shard)
     items = read_items(file)
     model = load_config(run.config)
@@ -443,7 +458,9 @@ def _load_pipeline(run: Run, model: ModelConfig, weights: Path, reporter: Report
 
     reporter.info(f"loading {model.name} from {weights}")
     try:
-        return Pipeline.load(model, weights, device=run.device, dtype=run.dtype, allow_pickle=run.allow_pickle)
+        return Pipeline.load(
+            model, weights, device=run.device, dtype=run.dtype, allow_pickle=run.allow_pickle, compile=run.compile
+        )
     except RequestError as exc:  # a device this machine lacks, perhaps recorded by --from's image
         raise RequestError(f"{exc}; choose another with --device") from None
 

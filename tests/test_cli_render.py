@@ -301,3 +301,21 @@ def test_ctrl_c_mid_batch_exits_130_with_a_summary(cli, tiny_model, tmp_path, mo
     ran = cli("batch", tmp_path / "p.txt", "-c", tiny_model, "-o", tmp_path / "out", "--steps", "1")
     assert ran.code == 130 and ran.err_lines[-1] == "sdcli: interrupted: 1 written, 0 skipped, 0 failed, 2 remaining"
     assert len(pairs(tmp_path / "out")) == 1
+
+
+def test_compile_flag_reaches_the_pipeline(cli, tiny_model, tmp_path, monkeypatch):
+    """--compile is passed to Pipeline.load (whose compiled U-Net is checked against eager in
+    test_perf_pipeline); the load itself runs eager here, as compiling takes minutes."""
+    import sdcli.pipeline
+
+    asked, load = [], sdcli.pipeline.Pipeline.load.__func__
+
+    def recording_load(cls, *args, compile=False, **kwargs):
+        asked.append(compile)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(sdcli.pipeline.Pipeline, "load", classmethod(recording_load))
+    for flags in ([], ["--compile"]):
+        ran = cli("generate", "a red circle", "-c", tiny_model, "-o", tmp_path / "out", "--steps", "1", *flags)
+        assert ran.code == 0, ran.err
+    assert asked == [False, True]

@@ -1,12 +1,12 @@
 """Build the three networks without initialising them, then fill them from a single-file checkpoint.
 
-Networks are made on the meta device (no memory, no random init) and every tensor is read from the
-file into memory of its own, then cast to its final dtype and device, one at a time, so the peak stays
-near the model's own size. Plain reads, not a memory map: a map would leave the model backed by the
-file, so a file truncated while sdcli runs would kill the process (SIGBUS) and one rewritten in place
-would change the model under a running batch. Loading is strict: every expected tensor must be there
-with its exact shape; keys outside the three networks' prefixes (EMA copies, schedule buffers) and a
-short list of known unused text-encoder extras are ignored on purpose.
+Networks are made on the meta device (no memory, no random init) and every tensor is cast from a memory
+map of the file straight into memory of its own in its final dtype and device, one at a time, its pages
+of the map handed back right after, so the peak stays near the model's own size and no byte is copied
+twice. The map lives only while loading: a model left backed by the file would die (SIGBUS) when the file
+is truncated during a batch, and change when it is rewritten in place. Loading is strict: every expected
+tensor must be there with its exact shape; keys outside the three networks' prefixes (EMA copies, schedule
+buffers) and a short list of known unused text-encoder extras are ignored on purpose.
 
 Pickle checkpoints (.ckpt) are read only when allowed, through torch's restricted `weights_only` loader,
 into the same strict loading.
@@ -14,7 +14,11 @@ into the same strict loading.
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import os
 import pickle
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -79,11 +83,12 @@ def expected_keys(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 @dataclass(frozen=True)
 class Tensors:
-    """A checkpoint's tensor table, and a way to read one tensor into memory that does not depend on the file."""
+    """A checkpoint's tensor table, and a way to read one tensor, cast to a dtype and device, into memory
+    of its own (never a view of the file)."""
 
     path: Path
     shapes: dict[str, tuple[int, ...]]
-    fetch: Callable[[str], torch.Tensor]
+    fetch: Callable[[str, torch.device, torch.dtype], torch.Tensor]
 
 
 @contextmanager
@@ -96,24 +101,38 @@ def open_tensors(path: Path, *, allow_pickle: bool = False) -> Iterator[Tensors]
         return
     table = read_header(path)
     try:
-        f = open(path, "rb", buffering=0)
+        f = open(path, "rb")
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read weights: {exc.strerror or exc}") from None
+    try:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as exc:  # ValueError: the file became empty since its header was read
+        f.close()
+        raise CheckpointError(f"{path}: cannot map weights: {getattr(exc, 'strerror', None) or exc}") from None
+    release = getattr(mmap, "MADV_DONTNEED", None)
 
-    def fetch(key: str) -> torch.Tensor:
+    def fetch(key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         info = table[key]
-        data = torch.empty(info.end - info.begin, dtype=torch.uint8)
-        view, done = memoryview(data.numpy()), 0
-        f.seek(info.begin)
-        while done < len(view):
-            got = f.readinto(view[done:])
-            if not got:
-                raise CheckpointError(f"{path}: file is truncated (it shrank while being read); download it again")
-            done += got
-        return data.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+        # a file that shrank since its header was read would fault (SIGBUS) on the missing pages
+        if info.end > min(len(mapped), os.fstat(f.fileno()).st_size):
+            raise CheckpointError(f"{path}: file is truncated (it shrank while being read); download it again")
+        if info.end == info.begin:
+            return torch.empty(info.shape, dtype=dtype, device=device)
+        with warnings.catch_warnings():  # torch warns that the map is read-only; it is only ever read
+            warnings.simplefilter("ignore", UserWarning)
+            stored = torch.frombuffer(mapped, dtype=torch.uint8, count=info.end - info.begin, offset=info.begin)
+        tensor = stored.view(TORCH_DTYPES[info.dtype]).reshape(info.shape).to(device, dtype, copy=True)
+        if release is not None:  # the pages stay in the page cache, they just stop counting as ours
+            start = info.begin - info.begin % mmap.PAGESIZE
+            mapped.madvise(release, start, info.end - start)
+        return tensor
 
     with f:
-        yield Tensors(path, {key: info.shape for key, info in table.items()}, fetch)
+        try:
+            yield Tensors(path, {key: info.shape for key, info in table.items()}, fetch)
+        finally:
+            with contextlib.suppress(BufferError):  # a view still held by an exception's traceback: GC closes it
+                mapped.close()
 
 
 def _pickle_tensors(path: Path) -> Tensors:
@@ -139,7 +158,11 @@ def _pickle_tensors(path: Path) -> Tensors:
     if not isinstance(loaded, dict):
         raise CheckpointError(f"{path}: not a checkpoint: expected a dict of tensors, found {type(loaded).__name__}")
     state = {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    return Tensors(path, {key: tuple(t.shape) for key, t in state.items()}, lambda key: state[key].clone())
+    return Tensors(
+        path,
+        {key: tuple(t.shape) for key, t in state.items()},
+        lambda key, device, dtype: state[key].to(device, dtype, copy=True),
+    )
 
 
 class _Reader:
@@ -159,7 +182,7 @@ class _Reader:
             family = describe_family(self.table)
             hint = f"; the file looks like {family}" if family else ""
             raise CheckpointError(f"{self.path}: tensor '{key}' has shape {list(found)}, expected {list(shape)}{hint}")
-        return self.tensors.fetch(key).to(self.device, self.dtype)
+        return self.tensors.fetch(key, self.device, self.dtype)
 
     def under(self, prefix: str) -> Iterator[str]:
         return (k[len(prefix) :] for k in self.table if k.startswith(prefix))

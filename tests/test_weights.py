@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +45,27 @@ def test_fp16_file_loads_into_fp32_exactly(sd1):
     for net in (nets.unet, nets.vae, nets.text):
         assert not any(t.is_meta for t in net.state_dict().values())
         assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_a_file_in_the_final_dtype_is_still_copied_out_of_the_map(tmp_path):
+    """fp32 into fp32 is where a cast could hand back a view of the memory map; run in a child, as such a
+    view would die of SIGBUS (or a segfault, once the map is closed) when the file is truncated."""
+    config = tiny_config("sd1")
+    path = write_random_checkpoint(config, tmp_path / "fp32.safetensors", dtype=torch.float32, seed=2)
+    expected = float(_tensors(path)[UNET_PREFIX + "out.2.weight"].double().sum())  # before the file goes
+    script = f"""
+import os, sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from reference import tiny_config
+from sdcli.weights import load_components
+nets = load_components(tiny_config("sd1"), {str(path)!r}, torch.device("cpu"), torch.float32)
+os.truncate({str(path)!r}, 0)
+total = sum(float(t.double().sum()) for net in (nets.unet, nets.vae, nets.text) for t in net.state_dict().values())
+print(repr(float(nets.unet.state_dict()["out.2.weight"].double().sum())))
+"""
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert float(ran.stdout) == expected
 
 
 def test_extras_in_real_files_are_ignored_but_everything_expected_is_read(sd1):

@@ -130,7 +130,8 @@ class SpatialTransformer(nn.Module):
         y = self.norm(x)
         if not self.linear_proj:
             y = self.proj_in(y)
-        y = y.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        # made contiguous once, or every LayerNorm and linear of the blocks would copy its transposed input
+        y = y.flatten(2).transpose(1, 2).contiguous()  # (B, h*w, C)
         if self.linear_proj:
             y = self.proj_in(y)
         for block in self.transformer_blocks:

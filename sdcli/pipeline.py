@@ -97,7 +97,8 @@ class Pipeline:
         self.dtype = dtype
         self.tokenizer = Tokenizer(config.text)
         self.unet_layout, self.vae_layout = layouts(device, dtype)
-        # weights in the activations' layout, so no conv reorders its weight on every call
+        # weights in the activations' layout, so no conv reorders its weight on every call (a no-op for the
+        # networks of Pipeline.load, read that way)
         for net, layout in ((nets.unet, self.unet_layout), (nets.vae, self.vae_layout)):
             if layout == torch.channels_last:
                 net.to(memory_format=layout)
@@ -114,7 +115,11 @@ class Pipeline:
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         path = Path(weights) if weights is not None else config.resolve_weights()
-        nets = load_components(config, path, torch_device, torch_dtype, allow_pickle=allow_pickle)
+        unet_layout, vae_layout = layouts(torch_device, torch_dtype)
+        nets = load_components(
+            config, path, torch_device, torch_dtype, allow_pickle=allow_pickle, unet_layout=unet_layout,
+            vae_layout=vae_layout,
+        )  # fmt: skip
         return cls(config, path, nets, torch_device, torch_dtype, compile=compile)
 
     @property

@@ -82,13 +82,28 @@ def expected_keys(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 @dataclass(frozen=True)
+class Cast:
+    """Where a tensor goes: device, dtype, and the layout of conv weights (4-D), set as they are read rather
+    than by a second copy afterwards."""
+
+    device: torch.device
+    dtype: torch.dtype
+    layout: torch.memory_format = torch.contiguous_format
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor`, never a view of it."""
+        layout = self.layout if tensor.dim() == 4 else torch.preserve_format
+        return tensor.to(self.device, self.dtype, copy=True, memory_format=layout)
+
+
+@dataclass(frozen=True)
 class Tensors:
     """A checkpoint's tensor table, and a way to read one tensor, cast to a dtype and device, into memory
     of its own (never a view of the file)."""
 
     path: Path
     shapes: dict[str, tuple[int, ...]]
-    fetch: Callable[[str, torch.device, torch.dtype], torch.Tensor]
+    fetch: Callable[[str, Cast], torch.Tensor]
 
 
 @contextmanager
@@ -111,17 +126,17 @@ def open_tensors(path: Path, *, allow_pickle: bool = False) -> Iterator[Tensors]
         raise CheckpointError(f"{path}: cannot map weights: {getattr(exc, 'strerror', None) or exc}") from None
     release = getattr(mmap, "MADV_DONTNEED", None)
 
-    def fetch(key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def fetch(key: str, cast: Cast) -> torch.Tensor:
         info = table[key]
         # a file that shrank since its header was read would fault (SIGBUS) on the missing pages
         if info.end > min(len(mapped), os.fstat(f.fileno()).st_size):
             raise CheckpointError(f"{path}: file is truncated (it shrank while being read); download it again")
         if info.end == info.begin:
-            return torch.empty(info.shape, dtype=dtype, device=device)
+            return torch.empty(info.shape, dtype=cast.dtype, device=cast.device)
         with warnings.catch_warnings():  # torch warns that the map is read-only; it is only ever read
             warnings.simplefilter("ignore", UserWarning)
             stored = torch.frombuffer(mapped, dtype=torch.uint8, count=info.end - info.begin, offset=info.begin)
-        tensor = stored.view(TORCH_DTYPES[info.dtype]).reshape(info.shape).to(device, dtype, copy=True)
+        tensor = cast(stored.view(TORCH_DTYPES[info.dtype]).reshape(info.shape))
         if release is not None:  # the pages stay in the page cache, they just stop counting as ours
             start = info.begin - info.begin % mmap.PAGESIZE
             mapped.madvise(release, start, info.end - start)
@@ -161,16 +176,16 @@ def _pickle_tensors(path: Path) -> Tensors:
     return Tensors(
         path,
         {key: tuple(t.shape) for key, t in state.items()},
-        lambda key, device, dtype: state[key].to(device, dtype, copy=True),
+        lambda key, cast: cast(state[key]),
     )
 
 
 class _Reader:
     """Reads tensors by name from an open checkpoint, checking shapes and casting on the way."""
 
-    def __init__(self, tensors: Tensors, device: torch.device, dtype: torch.dtype):
+    def __init__(self, tensors: Tensors, cast: Cast):
         self.path, self.tensors, self.table = tensors.path, tensors, tensors.shapes
-        self.device, self.dtype = device, dtype
+        self.cast = cast
 
     def read(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         found = self.table.get(key)
@@ -182,7 +197,7 @@ class _Reader:
             family = describe_family(self.table)
             hint = f"; the file looks like {family}" if family else ""
             raise CheckpointError(f"{self.path}: tensor '{key}' has shape {list(found)}, expected {list(shape)}{hint}")
-        return self.tensors.fetch(key, self.device, self.dtype)
+        return self.tensors.fetch(key, self.cast)
 
     def under(self, prefix: str) -> Iterator[str]:
         return (k[len(prefix) :] for k in self.table if k.startswith(prefix))
@@ -219,9 +234,12 @@ def _fill_text(text: TextEncoder, reader: _Reader, config: ModelConfig) -> None:
 
 
 def load_components(
-    config: ModelConfig, path: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False
-) -> Components:
-    """The three networks of `config`, filled from the checkpoint at `path`, on `device` in `dtype`."""
+    config: ModelConfig, path: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
+    unet_layout: torch.memory_format = torch.contiguous_format,
+    vae_layout: torch.memory_format = torch.contiguous_format,
+) -> Components:  # fmt: skip
+    """The three networks of `config`, filled from the checkpoint at `path`, on `device` in `dtype`, the U-Net's
+    and the VAE's conv weights in the given layouts."""
     path = Path(path)
     try:
         with open_tensors(path, allow_pickle=allow_pickle) as tensors:
@@ -235,9 +253,9 @@ def load_components(
             nets = build_on_meta(config)
             # The SD VAE overflows in fp16; bf16 shares fp32's range, so only fp16 keeps the VAE in fp32.
             vae_dtype = torch.float32 if dtype == torch.float16 else dtype
-            _fill(nets.unet, _Reader(tensors, device, dtype), UNET_PREFIX)
-            _fill(nets.vae, _Reader(tensors, device, vae_dtype), VAE_PREFIX)
-            _fill_text(nets.text, _Reader(tensors, device, dtype), config)
+            _fill(nets.unet, _Reader(tensors, Cast(device, dtype, unet_layout)), UNET_PREFIX)
+            _fill(nets.vae, _Reader(tensors, Cast(device, vae_dtype, vae_layout)), VAE_PREFIX)
+            _fill_text(nets.text, _Reader(tensors, Cast(device, dtype)), config)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read weights: {exc.strerror or exc}") from None
     for net in (nets.unet, nets.vae, nets.text):

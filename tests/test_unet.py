@@ -156,3 +156,19 @@ def test_bundled_configs_build_the_full_size_layout(name):
     converted = convert_ldm_unet_checkpoint(state, config)
     assert len(state) == len(converted)
     assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in expected.items()}
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_spatial_transformer_projects_out_in_its_input_layout(layout):
+    """The tokens reach the 1x1 proj_out conv in the map's own layout: an NCHW network whose conv were handed
+    the NHWC view of the tokens would run another conv kernel than diffusers' (full-size fp32 outputs then
+    differed by 3e-5 instead of being bit-identical), and an NHWC one would pay a copy."""
+    cfg = VARIANTS["sd1"]
+    torch.manual_seed(0)
+    block = randomize(UNet(cfg)).input_blocks[1][1]
+    seen = []
+    block.proj_out.register_forward_pre_hook(lambda _, args: seen.append(args[0].is_contiguous(memory_format=layout)))
+    x = torch.randn(2, block.norm.num_channels, 6, 5).contiguous(memory_format=layout)
+    with torch.no_grad():
+        block(x, torch.randn(2, CONTEXT_TOKENS, cfg.context_dim))
+    assert seen == [True]

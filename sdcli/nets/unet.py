@@ -138,7 +138,10 @@ class SpatialTransformer(nn.Module):
             y = block(y, context)
         if self.linear_proj:
             y = self.proj_out(y)
-        y = y.transpose(1, 2).unflatten(2, (h, w))  # (B, C, h, w)
+        # back in x's own layout, so proj_out's conv and the residual run as they would on x (the NHWC view
+        # of the tokens would switch an NCHW network's conv kernel and its rounding)
+        layout = torch.channels_last if x.dim() == 4 and x.stride(1) == 1 < x.stride(-1) else torch.contiguous_format
+        y = y.transpose(1, 2).unflatten(2, (h, w)).contiguous(memory_format=layout)  # (B, C, h, w)
         if not self.linear_proj:
             y = self.proj_out(y)
         return x + y

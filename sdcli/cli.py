@@ -168,7 +168,13 @@ Weights = Annotated[
     str | None, typer.Option("--weights", "-w", metavar="FILE", help="Weights instead of the config's.")
 ]
 Device = Annotated[str | None, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps. [default: auto]")]
-Dtype = Annotated[DType | None, typer.Option(help="auto is fp16 on GPUs, fp32 on the CPU. [default: auto]")]
+Dtype = Annotated[
+    DType | None,
+    typer.Option(
+        help="auto is fp16 on GPUs, fp32 (the reference's pixels) on the CPU; bf16 is ~1.7x faster on CPUs with"
+        " bf16 instructions, with slightly different pixels. [default: auto]"
+    ),
+]
 Out = Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Output folder, created if needed.")]
 Name = Annotated[
     str | None,

@@ -206,8 +206,8 @@ def task_unet(args) -> dict:
 
 
 def sdcli_decoder(config, checkpoint: Path):
-    """sdcli's Pipeline.decode over a process that holds only the VAE, read from the file as weights.py does:
-    built on the meta device, filled one tensor at a time, cast to fp32."""
+    """sdcli's Pipeline.decode in a process that holds only the VAE: built on the meta device and filled
+    from the file tensor by tensor (through safetensors here, which does not change the decode)."""
     import torch
     from safetensors import safe_open
 

@@ -7,10 +7,13 @@ with a clear message before any tensor is touched, and gives each tensor's place
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from sdcli.errors import CheckpointError
 
@@ -50,14 +53,17 @@ def check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
         )
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Validate a .safetensors file's header against its size and return its tensor table."""
-    if not path.exists():
+def read_header(path: Path, file: BinaryIO | None = None) -> dict[str, TensorInfo]:
+    """Validate a .safetensors file's header against its size and return its tensor table; from `file`, an
+    open binary file of `path`, when given, so the header and the tensors read later come from one file
+    even if another is moved into its place."""
+    if file is None and not path.exists():
         raise CheckpointError(f"weights file not found: {path}")
     check_pickle_allowed(path, allow_pickle=False)
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
+        with contextlib.nullcontext(file) if file is not None else path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(0)
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")

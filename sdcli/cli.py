@@ -202,7 +202,8 @@ Compile = Annotated[
     bool,
     typer.Option(
         "--compile",
-        help="Run the U-Net through torch.compile: minutes on first use, then cached on disk; for long batches.",
+        help="Run the U-Net through torch.compile: minutes per new image size or batch shape, then cached on"
+        " disk; pixels may differ slightly from eager.",
     ),
 ]
 

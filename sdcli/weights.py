@@ -1,12 +1,14 @@
 """Build the three networks without initialising them, then fill them from a single-file checkpoint.
 
-Networks are made on the meta device (no memory, no random init) and every tensor is cast from a memory
-map of the file straight into memory of its own in its final dtype and device, one at a time, its pages
-of the map handed back right after, so the peak stays near the model's own size and no byte is copied
-twice. The map lives only while loading: a model left backed by the file would die (SIGBUS) when the file
-is truncated during a batch, and change when it is rewritten in place. Loading is strict: every expected
-tensor must be there with its exact shape; keys outside the three networks' prefixes (EMA copies, schedule
-buffers) and a short list of known unused text-encoder extras are ignored on purpose.
+Networks are made on the meta device (no memory, no random init) and every tensor is read from the file
+in slices of whole rows through one small reused buffer, each slice cast straight into the tensor's final
+memory (dtype, device, conv layout), so the peak stays near the model's own size and no tensor is copied
+twice. Plain reads, not a memory map: a mapped file that shrinks (a download rewriting it, say) kills the
+process with SIGBUS at the next read of a missing page, where a read comes up short and gives a clear
+error; and the model never depends on the file, which may be deleted or rewritten during a batch.
+Loading is strict: every expected tensor must be there with its exact shape; keys outside the three
+networks' prefixes (EMA copies, schedule buffers) and a short list of known unused text-encoder extras
+are ignored on purpose.
 
 Pickle checkpoints (.ckpt) are read only when allowed, through torch's restricted `weights_only` loader,
 into the same strict loading.
@@ -14,11 +16,7 @@ into the same strict loading.
 
 from __future__ import annotations
 
-import contextlib
-import mmap
-import os
 import pickle
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -81,25 +79,32 @@ def expected_keys(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return keys
 
 
+READ_BUFFER_BYTES = 32 << 20  # the reused read buffer: large enough for a few syscalls per tensor
+
+
 @dataclass(frozen=True)
 class Cast:
-    """Where a tensor goes: device, dtype, and the layout of conv weights (4-D), set as they are read rather
+    """Where a tensor goes: device, dtype, and the layout of conv weights (4-D), set as it is read rather
     than by a second copy afterwards."""
 
     device: torch.device
     dtype: torch.dtype
     layout: torch.memory_format = torch.contiguous_format
 
+    def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        layout = self.layout if len(shape) == 4 else torch.contiguous_format
+        return torch.empty(shape, dtype=self.dtype, device=self.device, memory_format=layout)
+
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         """A copy of `tensor`, never a view of it."""
-        layout = self.layout if tensor.dim() == 4 else torch.preserve_format
-        return tensor.to(self.device, self.dtype, copy=True, memory_format=layout)
+        out = self.empty(tuple(tensor.shape))
+        return out.copy_(tensor)
 
 
 @dataclass(frozen=True)
 class Tensors:
     """A checkpoint's tensor table, and a way to read one tensor, cast to a dtype and device, into memory
-    of its own (never a view of the file)."""
+    of its own."""
 
     path: Path
     shapes: dict[str, tuple[int, ...]]
@@ -114,40 +119,47 @@ def open_tensors(path: Path, *, allow_pickle: bool = False) -> Iterator[Tensors]
     if is_pickle(path):
         yield _pickle_tensors(path)
         return
-    table = read_header(path)
+    if not path.exists():
+        raise CheckpointError(f"weights file not found: {path}")
     try:
-        f = open(path, "rb")
+        f = open(path, "rb", buffering=0)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read weights: {exc.strerror or exc}") from None
-    try:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except (OSError, ValueError) as exc:  # ValueError: the file became empty since its header was read
-        f.close()
-        raise CheckpointError(f"{path}: cannot map weights: {getattr(exc, 'strerror', None) or exc}") from None
-    release = getattr(mmap, "MADV_DONTNEED", None)
-
-    def fetch(key: str, cast: Cast) -> torch.Tensor:
-        info = table[key]
-        # a file that shrank since its header was read would fault (SIGBUS) on the missing pages
-        if info.end > min(len(mapped), os.fstat(f.fileno()).st_size):
-            raise CheckpointError(f"{path}: file is truncated (it shrank while being read); download it again")
-        if info.end == info.begin:
-            return torch.empty(info.shape, dtype=cast.dtype, device=cast.device)
-        with warnings.catch_warnings():  # torch warns that the map is read-only; it is only ever read
-            warnings.simplefilter("ignore", UserWarning)
-            stored = torch.frombuffer(mapped, dtype=torch.uint8, count=info.end - info.begin, offset=info.begin)
-        tensor = cast(stored.view(TORCH_DTYPES[info.dtype]).reshape(info.shape))
-        if release is not None:  # the pages stay in the page cache, they just stop counting as ours
-            start = info.begin - info.begin % mmap.PAGESIZE
-            mapped.madvise(release, start, info.end - start)
-        return tensor
-
     with f:
-        try:
-            yield Tensors(path, {key: info.shape for key, info in table.items()}, fetch)
-        finally:
-            with contextlib.suppress(BufferError):  # a view still held by an exception's traceback: GC closes it
-                mapped.close()
+        table = read_header(path, f)
+        shared = torch.empty(READ_BUFFER_BYTES, dtype=torch.uint8)
+        shared_view = memoryview(shared.numpy())
+
+        def read(begin: int, view: memoryview) -> None:
+            """Fill `view` with the file's bytes from `begin` on."""
+            done = 0
+            f.seek(begin)
+            while done < len(view):
+                got = f.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"{path}: file is truncated (it shrank while being read); download it again")
+                done += got
+
+        def fetch(key: str, cast: Cast) -> torch.Tensor:
+            info = table[key]
+            out = cast.empty(info.shape)
+            if out.numel() == 0:
+                return out
+            rows = out.view(1) if out.dim() == 0 else out  # slices along dim 0: whole rows, also of NHWC weights
+            row_bytes = (info.end - info.begin) // rows.shape[0]
+            # a row larger than the shared buffer (no SD tensor has one) gets a buffer of its own
+            buffer = shared if row_bytes <= len(shared) else torch.empty(row_bytes, dtype=torch.uint8)
+            view = shared_view if buffer is shared else memoryview(buffer.numpy())
+            step = len(buffer) // row_bytes
+            for first in range(0, rows.shape[0], step):
+                last = min(first + step, rows.shape[0])
+                count = (last - first) * row_bytes
+                read(info.begin + first * row_bytes, view[:count])
+                stored = buffer[:count].view(TORCH_DTYPES[info.dtype]).view(last - first, *rows.shape[1:])
+                rows[first:last].copy_(stored)
+            return out
+
+        yield Tensors(path, {key: info.shape for key, info in table.items()}, fetch)
 
 
 def _pickle_tensors(path: Path) -> Tensors:

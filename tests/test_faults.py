@@ -237,8 +237,8 @@ def test_weights_that_shrink_while_loading(cli, model, finished, monkeypatch):
     prompts, out, before = finished
     real = sdcli.weights.read_header
 
-    def header_then_truncate(path):
-        table = real(path)
+    def header_then_truncate(path, *file):
+        table = real(path, *file)
         os.truncate(path, path.stat().st_size // 2)
         return table
 

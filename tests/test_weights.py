@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -47,9 +48,9 @@ def test_fp16_file_loads_into_fp32_exactly(sd1):
         assert not any(p.requires_grad for p in net.parameters())
 
 
-def test_a_file_in_the_final_dtype_is_still_copied_out_of_the_map(tmp_path):
-    """fp32 into fp32 is where a cast could hand back a view of the memory map; run in a child, as such a
-    view would die of SIGBUS (or a segfault, once the map is closed) when the file is truncated."""
+def test_the_model_does_not_depend_on_the_file_once_loaded(tmp_path):
+    """fp32 into fp32 is where a loader could hand back a view of a memory-mapped file; run in a child, as
+    such a view would die of SIGBUS (or a segfault, once the map is closed) when the file is truncated."""
     config = tiny_config("sd1")
     path = write_random_checkpoint(config, tmp_path / "fp32.safetensors", dtype=torch.float32, seed=2)
     expected = float(_tensors(path)[UNET_PREFIX + "out.2.weight"].double().sum())  # before the file goes
@@ -66,6 +67,43 @@ print(repr(float(nets.unet.state_dict()["out.2.weight"].double().sum())))
     ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr
     assert float(ran.stdout) == expected
+
+
+@pytest.mark.parametrize("buffer_bytes", [1, 777, 1 << 14])
+def test_tensors_read_in_slices_through_a_small_buffer_are_exact(sd1, monkeypatch, buffer_bytes):
+    """Real tensors are larger than the read buffer (SD's largest is 76 MB): slices of whole rows, one row
+    at a time when a row outgrows the buffer, land in the right places, also in NHWC conv weights."""
+    import sdcli.weights
+
+    config, path = sd1
+    monkeypatch.setattr(sdcli.weights, "READ_BUFFER_BYTES", buffer_bytes)
+    nets = load_components(config, path, CPU, torch.float32, vae_layout=torch.channels_last)
+    stored = _tensors(path)
+    conv = nets.vae.state_dict()["decoder.conv_in.weight"]
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    for prefix, net in ((UNET_PREFIX, nets.unet), ("first_stage_model.", nets.vae)):
+        for name, tensor in net.state_dict().items():
+            assert torch.equal(tensor, stored[prefix + name].float()), name
+
+
+def test_a_file_that_shrinks_mid_load_is_a_clear_error(tmp_path, monkeypatch):
+    """Truncated after some tensors are read (a download rewriting it): one CheckpointError, not a crash."""
+    import sdcli.weights
+
+    config = tiny_config("sd1")
+    path = write_random_checkpoint(config, tmp_path / "w.safetensors", dtype=torch.float16, seed=3)
+    made, empty = [], sdcli.weights.Cast.empty
+
+    def empty_then_truncate(cast, shape):
+        made.append(shape)
+        if len(made) == 5:
+            os.truncate(path, path.stat().st_size // 2)
+        return empty(cast, shape)
+
+    monkeypatch.setattr(sdcli.weights.Cast, "empty", empty_then_truncate)
+    with pytest.raises(CheckpointError, match="file is truncated \\(it shrank while being read\\)"):
+        load_components(config, path, CPU, torch.float32)
+    assert len(made) >= 5
 
 
 def test_extras_in_real_files_are_ignored_but_everything_expected_is_read(sd1):

@@ -298,6 +298,7 @@ def generate(
         weights = weights or (recorded["weights"] if Path(recorded.get("weights", "")).is_file() else None)
         device = device or recorded.get("device")
         dtype = dtype or (DType(recorded["dtype"]) if recorded.get("dtype") in DType.__members__ else None)
+        compile_ = compile_ or recorded.get("compile") is True
     elif prompt is None:
         raise RequestError("give a PROMPT, or --from IMAGE.png to re-render one (see 'sdcli generate --help')")
     if not values["prompt"].strip():
@@ -502,6 +503,7 @@ def _render_targets(run: Run, pipe, sha: str, todo: list[Target], reporter: Repo
             meta = build_metadata(
                 target.request, config=pipe.config, weights=pipe.weights, weights_sha256=sha,
                 device=pipe.device_name, dtype=pipe.dtype_name, batch_size=len(group), elapsed=seconds,
+                compiled=run.compile,
             )  # fmt: skip
             with _signals_held():
                 try:

@@ -48,7 +48,8 @@ RECIPE_KEYS = (*request_fields(), "config", "weights_sha256")
 META_TYPES = {
     "prompt": str, "negative": str, "seed": int, "steps": int, "guidance": float, "sampler": str,
     "width": int, "height": int, "config": str, "config_path": str, "weights": str, "weights_sha256": str,
-    "device": str, "dtype": str, "batch_size": int, "sdcli_version": str, "elapsed": float, "created": str,
+    "device": str, "dtype": str, "batch_size": int, "compile": bool, "sdcli_version": str, "elapsed": float,
+    "created": str,
 }  # fmt: skip
 
 
@@ -97,6 +98,7 @@ def build_metadata(
     dtype: str,
     batch_size: int,
     elapsed: float,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     """Everything needed to re-render an image, in the order it is written."""
     meta: dict[str, Any] = {name: getattr(request, name) for name in request_fields()}
@@ -110,6 +112,7 @@ def build_metadata(
         "device": device,
         "dtype": dtype,
         "batch_size": batch_size,  # images that shared one U-Net call: it can change the lowest bits
+        **({"compile": True} if compiled else {}),  # compiled kernels round differently from eager ones
         "sdcli_version": __version__,
         "elapsed": round(elapsed, 3),
         "created": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
@@ -264,7 +267,7 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
 
 def _is(value: Any, kind: type) -> bool:
     if isinstance(value, bool):
-        return False
+        return kind is bool
     return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 

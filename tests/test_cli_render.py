@@ -303,9 +303,10 @@ def test_ctrl_c_mid_batch_exits_130_with_a_summary(cli, tiny_model, tmp_path, mo
     assert len(pairs(tmp_path / "out")) == 1
 
 
-def test_compile_flag_reaches_the_pipeline(cli, tiny_model, tmp_path, monkeypatch):
+def test_compile_flag_reaches_the_pipeline_and_the_sidecar(cli, tiny_model, tmp_path, monkeypatch):
     """--compile is passed to Pipeline.load (whose compiled U-Net is checked against eager in
-    test_perf_pipeline); the load itself runs eager here, as compiling takes minutes."""
+    test_perf_pipeline) and recorded, so --from compiles again; the load itself runs eager here, as
+    compiling takes minutes."""
     import sdcli.pipeline
 
     asked, load = [], sdcli.pipeline.Pipeline.load.__func__
@@ -315,7 +316,12 @@ def test_compile_flag_reaches_the_pipeline(cli, tiny_model, tmp_path, monkeypatc
         return load(cls, *args, **kwargs)
 
     monkeypatch.setattr(sdcli.pipeline.Pipeline, "load", classmethod(recording_load))
+    out = tmp_path / "out"
     for flags in ([], ["--compile"]):
-        ran = cli("generate", "a red circle", "-c", tiny_model, "-o", tmp_path / "out", "--steps", "1", *flags)
+        ran = cli("generate", "a red circle", "-c", tiny_model, "-o", out, "--steps", "1", "--seed", "7", *flags)
         assert ran.code == 0, ran.err
-    assert asked == [False, True]
+    eager, compiled = pairs(out)
+    assert "compile" not in meta(out, eager) and meta(out, compiled)["compile"] is True
+    ran = cli("generate", "--from", out / f"{compiled}.json", "-o", tmp_path / "again")
+    assert ran.code == 0, ran.err
+    assert asked == [False, True, True]

@@ -147,21 +147,11 @@ class Diffusers:
             return model(x, torch.tensor(999.0))
 
     def render(self, size: int, steps: int):
-        import torch
-
         sys.path.insert(0, str(ROOT / "tests"))
-        from reference import diffusers_scheduler
+        from reference import diffusers_render, diffusers_scheduler
 
         self.pipe.scheduler = diffusers_scheduler(self.config, SAMPLER)
-        return self.pipe(
-            PROMPT,
-            negative_prompt=NEGATIVE,
-            num_inference_steps=steps,
-            guidance_scale=GUIDANCE,
-            width=size,
-            height=size,
-            generator=torch.Generator("cpu").manual_seed(SEED),
-        ).images[0]
+        return diffusers_render(self.pipe, PROMPT, NEGATIVE, SEED, steps, GUIDANCE, size, size)
 
 
 def load_tool(args):

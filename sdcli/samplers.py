@@ -15,8 +15,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from sdcli.config import SAMPLERS, ScheduleConfig
+from sdcli.config import ScheduleConfig
 from sdcli.errors import RequestError
+from sdcli.sampler_registry import SAMPLER_SPECS
 from sdcli.schedules import dpm_sigmas, leading_alpha_bars, linspace_sigmas
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_in, t) -> raw eps or v
@@ -210,15 +211,6 @@ def sample_dpmpp_2m(model: Model, x: Tensor, timesteps: Tensor, sigmas: Tensor, 
     return x
 
 
-def evaluations(sampler: str, steps: int) -> int:
-    """Network evaluations a run makes: Heun 2·steps-1, PNDM steps+1 (its first step is evaluated twice)."""
-    if sampler == "heun":
-        return 2 * steps - 1
-    if sampler == "pndm" and steps > 1:
-        return steps + 1
-    return steps
-
-
 def _reporting(model: Model, device: torch.device, total: int, on_step: Callable[[int, int], None] | None) -> Model:
     """The model as samplers call it: t moved to x's device, on_step(done, total) after each evaluation."""
     done = 0
@@ -234,35 +226,69 @@ def _reporting(model: Model, device: torch.device, total: int, on_step: Callable
     return evaluate
 
 
+def run_ddim(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
+    timesteps, alpha_bars = leading_alpha_bars(steps, schedule)
+    return sample_ddim(model, noise, timesteps, alpha_bars, schedule.prediction_type, schedule.clip_sample)
+
+
+def run_pndm(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
+    timesteps, alpha_bars = leading_alpha_bars(steps, schedule)
+    return sample_plms(model, noise, timesteps, alpha_bars, schedule.prediction_type)
+
+
+def _run_dpm(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, karras: bool) -> Tensor:
+    timesteps, sigmas = dpm_sigmas(steps, schedule, karras=karras)
+    return sample_dpmpp_2m(model, noise, timesteps, sigmas, schedule.prediction_type)
+
+
+def run_dpmpp_2m(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
+    return _run_dpm(model, noise, steps, schedule, karras=False)
+
+
+def run_dpmpp_2m_karras(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
+    return _run_dpm(model, noise, steps, schedule, karras=True)
+
+
+def _ve_start(noise: Tensor, steps: int, schedule: ScheduleConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Timesteps, sigmas and the starting x of the "linspace" VE samplers: noise at the largest sigma, which is
+    diffusers' init_noise_sigma for that spacing."""
+    timesteps, sigmas = linspace_sigmas(steps, schedule)
+    return timesteps, sigmas, noise * sigmas[0]
+
+
+def run_euler(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
+    timesteps, sigmas, x = _ve_start(noise, steps, schedule)
+    return sample_euler(ve_denoiser(model, schedule.prediction_type), x, timesteps, sigmas)
+
+
+def run_euler_ancestral(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
+    timesteps, sigmas, x = _ve_start(noise, steps, schedule)
+    return sample_euler_ancestral(ve_denoiser(model, schedule.prediction_type), x, timesteps, sigmas, generators)
+
+
+def run_heun(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
+    timesteps, sigmas, x = _ve_start(noise, steps, schedule)
+    return sample_heun(ve_denoiser(model, schedule.prediction_type, schedule.clip_sample), x, timesteps, sigmas)
+
+
+def run_lms(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
+    timesteps, sigmas, x = _ve_start(noise, steps, schedule)
+    return sample_lms(ve_denoiser(model, schedule.prediction_type), x, timesteps, sigmas)
+
+
 def sample(sampler: str, model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig,
            generators: list[torch.Generator], on_step: Callable[[int, int], None] | None = None) -> Tensor:
     """Denoise standard normal `noise` (B,C,h,w) with `sampler` in `steps` steps; returns the final latents.
 
     `model(x_in, t)` gets the scaled input and a 0-dim float32 timestep on x's device; on_step(i, n) follows
-    network evaluation i of n (see `evaluations`). Only euler_a draws noise, image i's from generators[i].
+    network evaluation i of n (SamplerSpec.evaluations). Only euler_a draws noise, image i's from generators[i].
     """
-    if sampler not in SAMPLERS:
-        raise RequestError(f"unknown sampler '{sampler}'; expected one of {', '.join(SAMPLERS)}")
+    spec = SAMPLER_SPECS.get(sampler)
+    if spec is None:
+        raise RequestError(f"unknown sampler '{sampler}'; expected one of {', '.join(SAMPLER_SPECS)}")
     if not 1 <= steps <= schedule.num_train_timesteps:
         raise RequestError(f"steps must be between 1 and {schedule.num_train_timesteps}, got {steps}")
     if len(generators) != noise.shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {noise.shape[0]}")
-    model = _reporting(model, noise.device, evaluations(sampler, steps), on_step)
-    prediction = schedule.prediction_type
-    if sampler in ("ddim", "pndm"):
-        timesteps, alpha_bars = leading_alpha_bars(steps, schedule)
-        if sampler == "ddim":
-            return sample_ddim(model, noise, timesteps, alpha_bars, prediction, schedule.clip_sample)
-        return sample_plms(model, noise, timesteps, alpha_bars, prediction)
-    if sampler in ("dpmpp_2m", "dpmpp_2m_karras"):
-        timesteps, sigmas = dpm_sigmas(steps, schedule, karras=sampler == "dpmpp_2m_karras")
-        return sample_dpmpp_2m(model, noise, timesteps, sigmas, prediction)
-    timesteps, sigmas = linspace_sigmas(steps, schedule)
-    x = noise * sigmas[0]  # diffusers' init_noise_sigma for "linspace" spacing: the largest sigma
-    if sampler == "euler":
-        return sample_euler(ve_denoiser(model, prediction), x, timesteps, sigmas)
-    if sampler == "euler_a":
-        return sample_euler_ancestral(ve_denoiser(model, prediction), x, timesteps, sigmas, generators)
-    if sampler == "heun":
-        return sample_heun(ve_denoiser(model, prediction, schedule.clip_sample), x, timesteps, sigmas)
-    return sample_lms(ve_denoiser(model, prediction), x, timesteps, sigmas)
+    model = _reporting(model, noise.device, spec.evaluations(steps), on_step)
+    return spec.function()(model, noise, steps, schedule, generators)

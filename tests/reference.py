@@ -34,6 +34,7 @@ from sdcli.config import (
     VAEConfig,
     load_config,
 )
+from sdcli.sampler_registry import SAMPLER_SPECS
 
 DATA = Path(__file__).resolve().parent / "data"
 KEY_LISTS = {"sd15": DATA / "sd15-keys.txt", "sd21-v": DATA / "sd21-v-keys.txt"}
@@ -61,16 +62,7 @@ SCHEDULE_BUFFERS = (
 EMA_DECAY, EMA_UPDATES = "model_ema.decay", "model_ema.num_updates"
 EMA_DECAY_VALUE = 0.9999  # LitEma's default decay, as stored in the released files
 
-SAMPLER_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
+SAMPLER_SCHEDULERS = {name: (spec.scheduler, spec.scheduler_options) for name, spec in SAMPLER_SPECS.items()}
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",

@@ -7,30 +7,24 @@ import inspect
 
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-)
+import diffusers
 
 from sdcli.config import SAMPLERS, ScheduleConfig, load_config
 from sdcli.errors import RequestError
-from sdcli.samplers import evaluations, sample, vp_coefficients
+from sdcli.sampler_registry import SAMPLER_SPECS
+from sdcli.samplers import sample, vp_coefficients
 from sdcli.schedules import dpm_sigmas, leading_alpha_bars, linspace_sigmas
 
+# The registry names each sampler's diffusers scheduler; these are the classes it must name.
 REFERENCE = {
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp_2m_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
+    "ddim": (diffusers.DDIMScheduler, {}),
+    "pndm": (diffusers.PNDMScheduler, {}),
+    "euler": (diffusers.EulerDiscreteScheduler, {}),
+    "euler_a": (diffusers.EulerAncestralDiscreteScheduler, {}),
+    "heun": (diffusers.HeunDiscreteScheduler, {}),
+    "lms": (diffusers.LMSDiscreteScheduler, {}),
+    "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {}),
+    "dpmpp_2m_karras": (diffusers.DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
 }
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notices raised inside diffusers
 SCHEDULES = {"epsilon": load_config("sd15").schedule, "v_prediction": load_config("sd21-v").schedule}
@@ -87,8 +81,18 @@ def assert_close(actual, expected):
     assert (actual - expected).abs().max() <= RTOL * expected.abs().max()
 
 
-def test_every_sampler_has_a_reference():
+def test_every_sampler_has_a_reference_and_the_registry_names_it():
     assert set(REFERENCE) == set(SAMPLERS)
+    for name, (cls, options) in REFERENCE.items():
+        spec = SAMPLER_SPECS[name]
+        assert getattr(diffusers, spec.scheduler) is cls and spec.scheduler_options == options
+        assert callable(spec.function())
+
+
+@pytest.mark.parametrize("name", ["", "Euler", "lms ", "dpmpp_2m_karras_x", "sample"])
+def test_an_unknown_sampler_never_falls_through(name):
+    with pytest.raises(RequestError, match="unknown sampler"):
+        sample(name, flat, torch.zeros(1, 4, 8, 8), 4, SCHEDULES["epsilon"], [torch.Generator()])
 
 
 @pytest.mark.parametrize("steps", [1, 4, 7, 25])
@@ -113,7 +117,7 @@ def test_progress_counts_network_evaluations(sampler):
         scheduler = reference_scheduler(sampler, SCHEDULES["epsilon"])
         scheduler.set_timesteps(steps)
         n = len(scheduler.timesteps)
-        assert evaluations(sampler, steps) == n == len(seen)
+        assert SAMPLER_SPECS[sampler].evaluations(steps) == n == len(seen)
         assert progress == [(i, n) for i in range(1, n + 1)]
 
 

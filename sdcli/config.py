@@ -19,8 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from sdcli.errors import ConfigError
-
-SAMPLERS = ("ddim", "pndm", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "dpmpp_2m_karras")
+from sdcli.sampler_registry import SAMPLERS
 
 
 @dataclass(frozen=True)

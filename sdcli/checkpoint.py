@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ TEXT_PREFIXES = {
 }
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 HEADER_LIMIT = 100 * 2**20  # safetensors refuses headers over 100 MB too
+# A tensor entry nests 3 deep and the metadata 2; the slack admits small extra fields, which safetensors ignores.
+HEADER_DEPTH = 8
+NAME_SHOWN = 100  # characters of a tensor's name that a message quotes
 SAFETENSORS_DTYPES = {  # bytes per element
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
 }  # fmt: skip
@@ -73,26 +77,99 @@ def read_header(path: Path, file: BinaryIO | None = None) -> dict[str, TensorInf
             raw = f.read(length)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read weights: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header")
-    header.pop("__metadata__", None)
+    header = _parse_header(path, raw)
     table: dict[str, TensorInfo] = {}
-    data_end = 0
     for key, entry in header.items():
         checked = _check_entry(entry)
         if checked is None:
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for '{key}'")
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for '{_shown(key)}'")
         dtype, shape, start, end = checked
         table[key] = TensorInfo(dtype, shape, 8 + length + start, 8 + length + end)
-        data_end = max(data_end, end)
-    if 8 + length + data_end > size:
-        missing = 8 + length + data_end - size
-        raise CheckpointError(f"{path}: file is truncated ({missing} bytes missing); download it again")
+    _check_layout(path, table, 8 + length, size)
     return table
+
+
+def weights_problem(path: Path) -> str | None:
+    """Why the weights at `path` would not load (the one-line error, a missing file's included), or None when
+    they look loadable: cheap enough for a listing, so a .safetensors header is checked against the file, and
+    a pickle only for being a non-empty file, since unpickling one can run code."""
+    path = Path(path)
+    try:
+        if not is_pickle(path):
+            read_header(path)
+        elif not path.is_file():
+            raise CheckpointError(f"weights file not found: {path}")
+        elif path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: the file is empty")
+    except CheckpointError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{path}: cannot read weights: {exc.strerror or exc}"
+    return None
+
+
+def _parse_header(path: Path, raw: bytes) -> dict:
+    """The header's tensor entries, its (checked) metadata dropped; strict UTF-8 JSON, as safetensors reads it."""
+    corrupt = f"{path}: corrupt safetensors header"
+    problem = _nesting_problem(raw)
+    if problem is not None:
+        raise CheckpointError(f"{corrupt} ({problem})")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{corrupt} (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(corrupt)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{corrupt} (__metadata__ is not a table of text)")
+    return header
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_AS_BRACES = bytes.maketrans(b"[]", b"{}")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def _nesting_problem(raw: bytes) -> str | None:
+    """Why json.loads could recurse past HEADER_DEPTH on `raw`, found without recursing: it recurses once per
+    open bracket, so a hostile header would exhaust the stack.
+
+    With the strings gone, brackets nested no deeper than HEADER_DEPTH vanish in as many passes of deleting
+    the innermost pairs; what is left nests deeper, or is brackets json refuses. Read as bytes, which is
+    sound for the UTF-8 that json.loads later insists on: no multi-byte character holds a quote or bracket."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(_AS_BRACES, _NOT_BRACKETS)
+    for _ in range(HEADER_DEPTH):
+        brackets = brackets.replace(b"{}", b"")
+    if not brackets:
+        return None
+    return "nested too deeply" if b"{}" in brackets else "not JSON"
+
+
+def _check_layout(path: Path, table: dict[str, TensorInfo], data_start: int, size: int) -> None:
+    """The tensors must tile the data exactly, each starting where the one before ends, from the header's end
+    to the file's, as safetensors requires: an overlap would alias two tensors, a gap or a tail hides bytes."""
+    end = data_start
+    for key, info in sorted(table.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin < end:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header: tensor '{_shown(key)}' overlaps another tensor's bytes"
+            )
+        if info.begin > end:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header: {info.begin - end} unused bytes before tensor '{_shown(key)}'"
+            )
+        end = info.end
+    if end > size:
+        raise CheckpointError(f"{path}: file is truncated ({end - size} bytes missing); download it again")
+    if end < size:
+        raise CheckpointError(f"{path}: corrupt safetensors file: {size - end} bytes after the last tensor")
+
+
+def _shown(key: str) -> str:
+    """A tensor name fit for a one-line message: cut short, its control characters escaped."""
+    cut = key[:NAME_SHOWN] + ("..." if len(key) > NAME_SHOWN else "")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
 
 
 def _check_entry(entry) -> tuple[str, tuple[int, ...], int, int] | None:

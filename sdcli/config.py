@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -136,6 +137,96 @@ class ModelConfig:
         return next((c for c in candidates if c.exists()), candidates[0])
 
 
+# Bounds on config numbers, so a value that no network can be built or run with is refused with its file and
+# line rather than failing later inside torch or the tokenizer.
+MAX_WIDTH = 1 << 16  # channels, widths and image sides: far above any SD model's, far below overflowing a size
+MAX_COUNT = 1000  # layers, blocks, heads and tokens: more than any model has, few enough to build at once
+MAX_LEVELS = 16  # resolution levels, each halving the image: 16 take a MAX_WIDTH side down to 2 pixels
+MAX_TIMESTEPS = 100_000  # SD trains on 1000; the schedule's tables are this long
+MAX_VOCAB = 1 << 20  # far beyond any BPE vocabulary (OpenCLIP's has 49408)
+MIN_VOCAB = 2 * 256 + 2  # the tokenizer's byte tokens, plain and word-final (text.BYTE_TOKENS), start and end
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a config number, or each number of a list, may take, and how many numbers a list holds."""
+
+    low: float
+    high: float = math.inf
+    open: bool = False  # both ends excluded: for a float that must be above 0 or below 1
+    items: tuple[int, int] | None = None  # a list's fewest and most numbers
+
+
+_WIDTH = Bounds(1, MAX_WIDTH)
+_COUNT = Bounds(1, MAX_COUNT)
+_MULTIPLIERS = Bounds(1, MAX_WIDTH, items=(1, MAX_LEVELS))  # one per level, each level's width at most MAX_WIDTH
+_FRACTION = Bounds(0, 1, open=True)
+
+# Every int and float field, and every list, has its bounds here; rules between fields are in _check.
+FIELD_BOUNDS: dict[type, dict[str, Bounds]] = {
+    TextConfig: {
+        "width": _WIDTH, "heads": _COUNT, "layers": _COUNT,
+        "pad_id": Bounds(0),  # and below vocab_size
+        "vocab_size": Bounds(MIN_VOCAB, MAX_VOCAB),
+        "context_length": Bounds(3, MAX_COUNT),  # the start and end tokens, and one of the prompt's
+        "mlp_ratio": Bounds(0, open=True),  # and an MLP at most MAX_WIDTH wide
+    },
+    UNetConfig: {
+        "model_channels": _WIDTH, "channel_mult": _MULTIPLIERS, "num_res_blocks": _COUNT,
+        "attention_levels": Bounds(0, MAX_LEVELS - 1, items=(0, MAX_LEVELS)),  # and levels of channel_mult
+        "context_dim": _WIDTH, "num_heads": _COUNT, "head_dim": _WIDTH, "transformer_depth": _COUNT,
+        "in_channels": _WIDTH, "out_channels": _WIDTH, "norm_groups": _WIDTH,
+    },
+    VAEConfig: {
+        "base_channels": _WIDTH, "channel_mult": _MULTIPLIERS, "num_res_blocks": _COUNT, "latent_channels": _WIDTH,
+        "image_channels": Bounds(3, 3),  # images are written as RGB
+        "norm_groups": _WIDTH, "scale_factor": Bounds(0, open=True),
+    },
+    ScheduleConfig: {
+        "num_train_timesteps": Bounds(1, MAX_TIMESTEPS), "beta_start": _FRACTION, "beta_end": _FRACTION,
+        "steps_offset": Bounds(0),  # and below num_train_timesteps
+    },
+    Defaults: {
+        "width": _WIDTH, "height": _WIDTH,  # and multiples of the VAE's downsampling
+        "steps": Bounds(1),  # and at most num_train_timesteps
+        "guidance": Bounds(0),
+    },
+}  # fmt: skip
+
+
+def unet_width_problem(cfg: UNetConfig) -> str | None:
+    """Why the U-Net's widths cannot be built: a level too wide, or a width that the norm groups or the attention
+    heads do not divide; None when they can."""
+    problem = _width_problem(cfg.model_channels, cfg.channel_mult, cfg.norm_groups, "model_channels")
+    if problem is not None:
+        return problem
+    split, name = (cfg.num_heads, "num_heads") if cfg.num_heads is not None else (cfg.head_dim, "head_dim")
+    last = len(cfg.channel_mult) - 1
+    for level, mult in enumerate(cfg.channel_mult):
+        channels = cfg.model_channels * mult
+        # the middle block attends at the last level whether or not attention_levels names it
+        if (level in cfg.attention_levels or level == last) and channels % split:
+            return f"level {level} has {channels} channels, not divisible by {name} {split}"
+    return None
+
+
+def vae_width_problem(cfg: VAEConfig) -> str | None:
+    """Why the autoencoder's widths cannot be built: a level too wide, or widths the norm groups do not divide."""
+    return _width_problem(cfg.base_channels, cfg.channel_mult, cfg.norm_groups, "base_channels")
+
+
+def _width_problem(base: int, mults: tuple[int, ...], groups: int, name: str) -> str | None:
+    """A level too wide, or a width the norm groups do not divide: each level's, and the first conv's `base`,
+    which meets a GroupNorm before level 0 widens it."""
+    for level, mult in enumerate(mults):
+        channels = base * mult
+        if channels > MAX_WIDTH:
+            return f"level {level} has {channels} channels, more than {MAX_WIDTH}"
+        if channels % groups:
+            return f"level {level} has {channels} channels, not divisible by norm_groups {groups}"
+    return f"{name} {base} is not divisible by norm_groups {groups}" if base % groups else None
+
+
 def bundled_config_dir() -> Path:
     """Bundled configs: inside the package after a wheel install, else the repository's configs/."""
     packaged = Path(__file__).resolve().parent / "configs"
@@ -183,7 +274,7 @@ def parse_config(text: str, source: Path | None = None) -> ModelConfig:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is None:
             raise ConfigError(f"{where}: config is empty")
-        config = _build(ModelConfig, node, where, "")
+        config = _build(ModelConfig, node, where, "", {})
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -198,8 +289,9 @@ def _suggest(word: str, choices) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _build(cls, node: yaml.Node, where: str, path: str):
-    """Turn a YAML mapping node into dataclass `cls`, checking keys, types and enum values."""
+def _build(cls, node: yaml.Node, where: str, path: str, lines: dict[str, str]):
+    """Turn a YAML mapping node into dataclass `cls`, checking keys, types, enum values and bounds; `lines`
+    gathers each dotted key's `file:line`, for the rules between fields."""
     here = f"{where}:{node.start_mark.line + 1}"
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{here}: {path or 'config'} must be a mapping")
@@ -211,41 +303,57 @@ def _build(cls, node: yaml.Node, where: str, path: str):
         if not isinstance(key_node, yaml.ScalarNode):
             raise ConfigError(f"{line}: a key must be a plain name")
         key = key_node.value
-        dotted = f"{path}.{key}" if path else key
+        dotted = _dotted(path, key)
         if key not in fields:
             raise ConfigError(f"{line}: unknown key '{dotted}'{_suggest(key, fields)}")
         if key in values:
             raise ConfigError(f"{line}: key '{dotted}' given twice")
-        values[key] = _convert(hints[key], value_node, where, dotted)
+        lines[dotted] = line
+        values[key] = _convert(hints[key], value_node, where, dotted, lines)
+        if key in FIELD_BOUNDS.get(cls, {}):
+            _check_bounds(values[key], FIELD_BOUNDS[cls][key], line, dotted)
     missing = [n for n, f in fields.items() if n not in values and _is_required(f)]
     if missing:
-        raise ConfigError(f"{here}: missing key '{(path + '.') if path else ''}{missing[0]}'")
+        raise ConfigError(f"{here}: missing key '{_dotted(path, missing[0])}'")
     try:
-        return _check(cls(**values), here, path)
+        config = cls(**values)
     except TypeError as exc:
         raise ConfigError(f"{here}: {exc}") from None
+    return _check(config, path, lambda name: _line(lines, _dotted(path, name), here))
+
+
+def _dotted(path: str, key: str) -> str:
+    """`key` under section `path`; the empty key is the section itself."""
+    return f"{path}.{key}" if path and key else path or key
+
+
+def _line(lines: dict[str, str], dotted: str, here: str) -> str:
+    """Where `dotted` was written; for a key left to its default, where its section was, else `here`."""
+    while dotted not in lines and "." in dotted:
+        dotted = dotted.rpartition(".")[0]
+    return lines.get(dotted, here)
 
 
 def _is_required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
-def _convert(hint, node: yaml.Node, where: str, path: str):
+def _convert(hint, node: yaml.Node, where: str, path: str, lines: dict[str, str]):
     """Check one YAML value against a type hint and convert it."""
     line = f"{where}:{node.start_mark.line + 1}"
     if dataclasses.is_dataclass(hint):
-        return _build(hint, node, where, path)
+        return _build(hint, node, where, path, lines)
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], node, where, path)
+        return _convert(inner[0], node, where, path, lines)
     if origin is tuple:
         if not isinstance(node, yaml.SequenceNode):
             raise ConfigError(f"{line}: '{path}' must be a list")
-        return tuple(_convert(args[0], item, where, path) for item in node.value)
+        return tuple(_convert(args[0], item, where, path, lines) for item in node.value)
     if not isinstance(node, yaml.ScalarNode):
         raise ConfigError(f"{line}: '{path}' must be a single value")
     try:
@@ -276,22 +384,110 @@ def _convert(hint, node: yaml.Node, where: str, path: str):
     raise ConfigError(f"{line}: '{path}' has an unsupported type")
 
 
-def _check(config, here: str, path: str):
-    """Cross-field rules that a type hint cannot say."""
-    if isinstance(config, UNetConfig):
-        if (config.num_heads is None) == (config.head_dim is None):
-            raise ConfigError(f"{here}: '{path}' needs exactly one of num_heads and head_dim")
-        bad = [lvl for lvl in config.attention_levels if not 0 <= lvl < len(config.channel_mult)]
-        if bad:
-            raise ConfigError(f"{here}: '{path}.attention_levels' has level {bad[0]} outside channel_mult")
-    if isinstance(config, Defaults):
-        if config.sampler not in SAMPLERS:
-            raise ConfigError(
-                f"{here}: '{path}.sampler' is '{config.sampler}'{_suggest(config.sampler, SAMPLERS)}; "
-                f"expected one of {', '.join(SAMPLERS)}"
-            )
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-            raise ConfigError(f"{here}: '{path + '.' if path else ''}{f.name}' must not be negative")
+def _check_bounds(value, bounds: Bounds, line: str, path: str) -> None:
+    """Refuse a number, or a list's length or any of its numbers, outside the field's bounds."""
+    if value is None:  # an optional field left unset
+        return
+    if isinstance(value, tuple):
+        fewest, most = bounds.items
+        if not fewest <= len(value) <= most:
+            raise ConfigError(f"{line}: '{path}' must have {fewest} to {most} items, got {len(value)}")
+    for number in value if isinstance(value, tuple) else (value,):
+        problem = _out_of_bounds(number, bounds)
+        if problem is not None:
+            raise ConfigError(f"{line}: '{path}' {problem}, got {number}")
+
+
+def _out_of_bounds(value: float, bounds: Bounds) -> str | None:
+    """What `value` must be instead, when `bounds` refuse it."""
+    if not math.isfinite(value):
+        return "must be a finite number"
+    if bounds.low == bounds.high:
+        return None if value == bounds.low else f"must be {bounds.low}"
+    if value < 0 <= bounds.low:
+        return "must not be negative"  # the commonest slip, said plainly
+    if value < bounds.low or (bounds.open and value == bounds.low):
+        return f"must be {'above' if bounds.open else 'at least'} {bounds.low}"
+    if value > bounds.high or (bounds.open and value == bounds.high):
+        return f"must be {'below' if bounds.open else 'at most'} {bounds.high}"
+    return None
+
+
+def _check(config, path: str, at: typing.Callable[[str], str]):
+    """Rules between fields, which neither a type hint nor a field's bounds can say; `at(name)` is the
+    `file:line` of field `name` (a dotted one for the whole model's rules)."""
+    rule = _SECTION_RULES.get(type(config))
+    broken = rule(config) if rule is not None else None
+    if broken is not None:
+        name, problem = broken
+        raise ConfigError(f"{at(name)}: '{_dotted(path, name)}' {problem}")
     return config
+
+
+def _text_problem(cfg: TextConfig) -> tuple[str, str] | None:
+    """Heads and an MLP that fit the width, a pad id in the vocabulary, and a block before the last."""
+    hidden = int(cfg.width * cfg.mlp_ratio)  # as the text encoder's MLP rounds it
+    if cfg.width % cfg.heads:
+        return "heads", f"must divide width {cfg.width}, got {cfg.heads}"
+    if not 1 <= hidden <= MAX_WIDTH:
+        return "mlp_ratio", f"makes the MLP {hidden} wide, outside 1 to {MAX_WIDTH}; got {cfg.mlp_ratio}"
+    if cfg.pad_id >= cfg.vocab_size:
+        return "pad_id", f"must be below vocab_size {cfg.vocab_size}, got {cfg.pad_id}"
+    if cfg.output_layer == "penultimate" and cfg.layers < 2:
+        return "layers", f"must be at least 2 for output_layer penultimate, got {cfg.layers}"
+    return None
+
+
+def _unet_problem(cfg: UNetConfig) -> tuple[str, str] | None:
+    """One way to size the heads, attention on existing levels, and widths that can be built."""
+    if (cfg.num_heads is None) == (cfg.head_dim is None):
+        return "", "needs exactly one of num_heads and head_dim"
+    bad = [lvl for lvl in cfg.attention_levels if not 0 <= lvl < len(cfg.channel_mult)]
+    if bad:
+        return "attention_levels", f"has level {bad[0]} outside channel_mult"
+    problem = unet_width_problem(cfg)
+    return None if problem is None else ("", problem)
+
+
+def _vae_problem(cfg: VAEConfig) -> tuple[str, str] | None:
+    """Widths that can be built."""
+    problem = vae_width_problem(cfg)
+    return None if problem is None else ("", problem)
+
+
+def _schedule_problem(cfg: ScheduleConfig) -> tuple[str, str] | None:
+    """The offset of "leading" timesteps must leave a timestep to sample."""
+    if cfg.steps_offset >= cfg.num_train_timesteps:
+        return "steps_offset", f"must be below num_train_timesteps {cfg.num_train_timesteps}, got {cfg.steps_offset}"
+    return None
+
+
+def _defaults_problem(cfg: Defaults) -> tuple[str, str] | None:
+    """A sampler that exists (the sides and steps depend on the model: see _model_problem)."""
+    if cfg.sampler not in SAMPLERS:
+        return "sampler", f"is '{cfg.sampler}'{_suggest(cfg.sampler, SAMPLERS)}; expected one of {', '.join(SAMPLERS)}"
+    return None
+
+
+def _model_problem(cfg: ModelConfig) -> tuple[str, str] | None:
+    """The networks, schedule and defaults must fit together as the pipeline wires them."""
+    if cfg.unet.context_dim != cfg.text.width:
+        return "unet.context_dim", f"must equal text.width {cfg.text.width}, got {cfg.unet.context_dim}"
+    for name in ("in_channels", "out_channels"):
+        if getattr(cfg.unet, name) != cfg.vae.latent_channels:
+            latent = cfg.vae.latent_channels
+            return f"unet.{name}", f"must equal vae.latent_channels {latent}, got {getattr(cfg.unet, name)}"
+    for name in ("width", "height"):
+        if getattr(cfg.defaults, name) % cfg.vae.downsample:
+            factor, side = cfg.vae.downsample, getattr(cfg.defaults, name)
+            return f"defaults.{name}", f"must be a multiple of {factor} (the VAE's downsampling), got {side}"
+    if cfg.defaults.steps > cfg.schedule.num_train_timesteps:
+        most = cfg.schedule.num_train_timesteps
+        return "defaults.steps", f"must be at most num_train_timesteps {most}, got {cfg.defaults.steps}"
+    return None
+
+
+_SECTION_RULES = {
+    TextConfig: _text_problem, UNetConfig: _unet_problem, VAEConfig: _vae_problem,
+    ScheduleConfig: _schedule_problem, Defaults: _defaults_problem, ModelConfig: _model_problem,
+}  # fmt: skip

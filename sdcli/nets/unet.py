@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdcli.config import UNetConfig
+from sdcli.config import UNetConfig, unet_width_problem
 from sdcli.errors import ConfigError
 from sdcli.nets.layers import Upsample, attention
 
@@ -177,18 +177,10 @@ class Stage(nn.Sequential):
 
 
 def _check(cfg: UNetConfig) -> None:
-    """Reject widths that the norm groups or the attention heads do not divide."""
-    split, name = (cfg.num_heads, "num_heads") if cfg.num_heads is not None else (cfg.head_dim, "head_dim")
-    last = len(cfg.channel_mult) - 1
-    for level, mult in enumerate(cfg.channel_mult):
-        channels = cfg.model_channels * mult
-        if channels % cfg.norm_groups:
-            raise ConfigError(
-                f"unet: level {level} has {channels} channels, not divisible by norm_groups {cfg.norm_groups}"
-            )
-        # the middle block attends at the last level whether or not attention_levels names it
-        if (level in cfg.attention_levels or level == last) and channels % split:
-            raise ConfigError(f"unet: level {level} has {channels} channels, not divisible by {name} {split}")
+    """Reject widths that cannot be built, also in a config made in code rather than read by parse_config."""
+    problem = unet_width_problem(cfg)
+    if problem is not None:
+        raise ConfigError(f"unet: {problem}")
 
 
 class UNet(nn.Module):

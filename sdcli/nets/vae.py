@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdcli.config import VAEConfig
+from sdcli.config import VAEConfig, vae_width_problem
 from sdcli.errors import ConfigError
 from sdcli.nets.layers import Upsample, attention
 
@@ -158,13 +158,10 @@ class Decoder(nn.Module):
 
 
 def _check(cfg: VAEConfig) -> None:
-    """Reject widths that the norm groups do not divide."""
-    for level, mult in enumerate(cfg.channel_mult):
-        channels = cfg.base_channels * mult
-        if channels % cfg.norm_groups:
-            raise ConfigError(
-                f"vae: level {level} has {channels} channels, not divisible by norm_groups {cfg.norm_groups}"
-            )
+    """Reject widths that cannot be built, also in a config made in code rather than read by parse_config."""
+    problem = vae_width_problem(cfg)
+    if problem is not None:
+        raise ConfigError(f"vae: {problem}")
 
 
 class AutoencoderKL(nn.Module):

@@ -15,11 +15,10 @@ import pytest
 from conftest import TINY_YAML
 from PIL import Image
 
-from sdcli.config import SAMPLERS, parse_config
+from sdcli.config import parse_config
 from sdcli.errors import RequestError
 from sdcli.hashing import cached_sha256, sha256_file
 from sdcli.outputs import (
-    A1111_SAMPLERS,
     DEFAULT_NAME,
     build_metadata,
     check_name_template,
@@ -29,6 +28,7 @@ from sdcli.outputs import (
     prepare_folder,
     read_metadata,
     remove_stale_temps,
+    shareable,
     slugify,
     temp_path,
     write_pair,
@@ -46,6 +46,7 @@ def meta_for(request: Request = REQUEST, config=None, **changes) -> dict:
         weights_sha256="6ce0161689b3853acaa03779ec93eafe75a02f4ced659bee03f50797806fa2fa",
         device="cpu",
         dtype="fp32",
+        threads=2,
         batch_size=1,
         elapsed=1.23456,
     )
@@ -87,7 +88,8 @@ def test_default_name_has_index_seed_slug_and_no_time():
         ("{", "not a valid template"),
         ("a/{seed}", "without '/'"),
         (".{seed}", "not start with '.'"),
-        ("", "1-200 characters"),
+        ("", "1-120 bytes"),
+        ("x" * 121, "1-120 bytes"),
     ],
 )
 def test_bad_name_templates_are_refused(template, message):
@@ -120,27 +122,45 @@ def test_a1111_infotext():
     assert infotext(meta_for()) == (
         "a red circle, on white!\n"
         "Negative prompt: blurry\n"
-        "Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 64x48, Model hash: 6ce0161689, "
-        'Model: "v1-5, pruned", Version: sdcli 0.1.0'
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 64x48, "
+        'Model hash: 6ce0161689, Model: "v1-5, pruned", RNG: CPU, Version: sdcli 0.1.0'
     )
     assert "Negative prompt" not in infotext(meta_for(negative=""))
+    # DDIM has no schedule choice in A1111, so no "Schedule type"; plain DPM++ 2M is told apart from Karras
+    assert "Sampler: DDIM, CFG" in infotext(meta_for(sampler="ddim"))
+    assert "Sampler: DPM++ 2M, Schedule type: Uniform," in infotext(meta_for(sampler="dpmpp_2m"))
 
 
-def test_every_sampler_has_an_a1111_name():
-    assert set(A1111_SAMPLERS) == set(SAMPLERS)
+def test_the_png_carries_no_local_path_and_from_finds_the_weights_by_name(tmp_path, monkeypatch):
+    from sdcli.config import load_config
+    from sdcli.outputs import recorded_weights
+
+    meta = meta_for(config=parse_config(TINY_YAML, source=tmp_path / "tiny.yaml"))
+    write_pair(picture(), meta, [(tmp_path / "a.png", tmp_path / "a.json")])
+    with Image.open(tmp_path / "a.png") as png:
+        chunks = "".join(png.text.values())
+    assert "/models/" not in chunks and str(tmp_path) not in chunks and "config_path" not in chunks
+    assert json.loads(png.text["sdcli"])["weights"] == "v1-5, pruned.safetensors"
+    assert json.loads((tmp_path / "a.json").read_text())["weights"] == "/models/v1-5, pruned.safetensors"
+    store = tmp_path / "store"
+    (store / "weights").mkdir(parents=True)
+    (store / "weights" / "v1-5, pruned.safetensors").write_bytes(b"x")
+    monkeypatch.setenv("SDCLI_WEIGHTS_DIR", str(store))
+    found = recorded_weights(shareable(meta), load_config("sd15"))
+    assert found == str(store / "weights" / "v1-5, pruned.safetensors")
 
 
 def test_pair_round_trip(tmp_path):
     meta = meta_for(prompt="ünïcode ✓ prompt")
     image = picture()
-    write_pair(image, meta, tmp_path / "a.png", tmp_path / "a.json")
+    write_pair(image, meta, [(tmp_path / "a.png", tmp_path / "a.json")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.png"]
     assert json.loads((tmp_path / "a.json").read_text(encoding="utf-8")) == meta
     with Image.open(tmp_path / "a.png") as png:
         assert np.array_equal(np.asarray(png), np.asarray(image))
-        assert json.loads(png.text["sdcli"]) == meta
-        assert png.text["parameters"] == infotext(meta)
-    assert read_metadata(tmp_path / "a.png") == read_metadata(tmp_path / "a.json") == meta
+        assert json.loads(png.text["sdcli"]) == shareable(meta)
+        assert png.text["parameters"] == infotext(shareable(meta))
+    assert read_metadata(tmp_path / "a.png") == shareable(meta) and read_metadata(tmp_path / "a.json") == meta
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -149,26 +169,28 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
-        write_pair(picture(), meta_for(), tmp_path / "a.png", tmp_path / "a.json")
+        write_pair(picture(), meta_for(), [(tmp_path / "a.png", tmp_path / "a.json")])
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_sidecar_is_renamed_last(tmp_path, monkeypatch):
-    """Interrupted between the two renames, a PNG may stand alone, but a JSON never does."""
-    real_replace, calls = os.replace, []
+def test_the_sidecar_is_published_last(tmp_path, monkeypatch):
+    """Interrupted between the two publishes, a PNG may stand alone, but a JSON never does."""
+    real_link, calls = os.link, []
 
-    def replace(src, dst):
+    def link(src, dst, **kwargs):
         calls.append(Path(dst).name)
         if Path(dst).suffix == ".json":
             raise KeyboardInterrupt
-        real_replace(src, dst)
+        real_link(src, dst, **kwargs)
 
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
     with pytest.raises(KeyboardInterrupt):
-        write_pair(picture(), meta_for(), tmp_path / "a.png", tmp_path / "a.json")
+        write_pair(picture(), meta_for(), [(tmp_path / "a.png", tmp_path / "a.json")])
     assert calls == ["a.png", "a.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+    monkeypatch.undo()
     assert load_existing(tmp_path / "a.png", tmp_path / "a.json")["prompt"] == REQUEST.prompt  # read from the PNG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.png"]  # and the pair completed from it
 
 
 def test_stale_temps_of_dead_processes_are_removed(tmp_path):

@@ -1,5 +1,5 @@
 """`python -m sdcli` (and `torchrun -m sdcli`) run the command line."""
 
-from sdcli.cli import main
+from sdcli.entry import main
 
 main()

@@ -15,3 +15,12 @@ class CheckpointError(SdcliError):
 
 class RequestError(SdcliError):
     """A generation request has a bad value (size, steps, sampler, ...)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like Ctrl-C (KeyboardInterrupt), discarding the image in flight."""
+
+
+def raise_terminated(signum, frame) -> None:
+    """The SIGTERM handler: the signal becomes a Terminated exception where the program is."""
+    raise Terminated()

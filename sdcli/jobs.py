@@ -6,6 +6,7 @@ Everything here happens before the model loads, so a bad line in a 10,000-line f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -20,16 +21,13 @@ import yaml
 from sdcli.config import ModelConfig, _suggest
 from sdcli.errors import RequestError
 from sdcli.outputs import DEFAULT_NAME, config_reference, load_existing, name_stem, recipe
-from sdcli.request import Request, check_request
+from sdcli.request import ITEM_ONLY_TYPES, Request, build_request, check_request, item_types
+from sdcli.text_limits import clip
 
 T = TypeVar("T", "Planned", "Target")
 MAX_COUNT = 10_000  # images of one item: a typo such as count: 1e9 must not plan for hours
 
-# What an item of a prompt file may set, and the type each must have.
-ITEM_TYPES: dict[str, type] = {
-    "prompt": str, "negative": str, "seed": int, "steps": int, "guidance": float, "sampler": str,
-    "width": int, "height": int, "count": int, "name": str,
-}  # fmt: skip
+ITEM_TYPES = item_types()  # what an item of a prompt file may set, and the type each must have
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,7 @@ class Planned:
     index: int  # the image's place in the job, the {index} of --name
     request: Request
     stem: str  # file name without extension, from the --name template
+    template: str = DEFAULT_NAME  # the --name template it came from
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,7 @@ class Target:
     png: Path
     sidecar: Path
     done: bool  # a complete PNG + JSON pair of this recipe is already there
+    replace: bool = False  # its names hold what it may replace: an incomplete pair of its recipe, or --overwrite
 
     @property
     def request(self) -> Request:
@@ -116,21 +116,107 @@ def _jsonl_items(text: str, name: str) -> list[Item]:
     return items
 
 
+# What aliases may add to a prompt file: far beyond any real file, far below what hangs sdcli (an
+# "alias bomb" of a few lines repeats a value a billion times). The file's own size is not counted.
+_MAX_ALIAS_VALUES = 1_000_000
+_MAX_ALIAS_TEXT = 64 * 2**20  # characters: a few long anchored prompts repeated are fine, gigabytes are not
+
+
+def _node_children(node: yaml.Node) -> list[yaml.Node]:
+    """The nodes directly inside `node`, a mapping's keys included (they are expanded too)."""
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return node.value if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_keys(node: yaml.Node, name: str) -> None:
+    """Refuse a key given twice in one mapping: loading keeps the last silently, so a typo'd item would run.
+    Keys are compared as written (tag and text); a key merged in by `<<` and set again locally is YAML's
+    documented override, not a duplicate, since the merged key lives in another node."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: set[tuple[str, str]] = set()
+    for key, _ in node.value:
+        if isinstance(key, yaml.ScalarNode):
+            if (key.tag, key.value) in seen:
+                raise RequestError(f"{name}:{key.start_mark.line + 1}: key {clip(key.value)} given twice")
+            seen.add((key.tag, key.value))
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """Values and characters of text that `node` becomes once its aliases are expanded, from its children's."""
+    if isinstance(node, yaml.ScalarNode):
+        return 1, len(node.value)
+    parts = [sizes[id(child)] for child in _node_children(node)]
+    return 1 + sum(values for values, _ in parts), sum(chars for _, chars in parts)
+
+
+def _check_alias_growth(values: int, chars: int, where: str) -> None:
+    """Refuse once aliases have added more than the bounds, naming the mapping or list whose alias crossed it."""
+    if values > _MAX_ALIAS_VALUES:
+        over = f"{_MAX_ALIAS_VALUES:,} values"
+    elif chars > _MAX_ALIAS_TEXT:
+        over = f"{_MAX_ALIAS_TEXT:,} characters of text"
+    else:
+        return
+    raise RequestError(f"{where}: YAML aliases expand to too much data (over {over})")
+
+
+def _check_yaml_graph(root: yaml.Node, name: str) -> None:
+    """Refuse duplicate keys and aliases that expand too far, before any value is built. Composing shares an
+    anchored node among its aliases, so visiting each node once (iteratively: the file may nest deeply) is
+    linear in the file even for a bomb; each later reference adds the node's whole expansion."""
+    sizes: dict[int, tuple[int, int]] = {}  # id of a finished node -> its expanded size
+    open_ids = {id(root)}  # nodes being walked: an alias to one of them would expand forever
+    stack = [(root, iter(_node_children(root)))]
+    added_values = added_chars = 0
+    _check_keys(root, name)
+    while stack:
+        node, children = stack[-1]
+        child = next(children, None)
+        if child is None:
+            stack.pop()
+            open_ids.discard(id(node))
+            sizes[id(node)] = _expanded_size(node, sizes)
+        elif id(child) in open_ids:
+            raise RequestError(f"{name}:{node.start_mark.line + 1}: a YAML alias refers to a value it is inside")
+        elif id(child) in sizes:
+            values, chars = sizes[id(child)]
+            added_values, added_chars = added_values + values, added_chars + chars
+            _check_alias_growth(added_values, added_chars, f"{name}:{node.start_mark.line + 1}")
+        else:
+            _check_keys(child, name)
+            open_ids.add(id(child))
+            stack.append((child, iter(_node_children(child))))
+
+
+def _yaml_error(exc: yaml.YAMLError, name: str) -> RequestError:
+    """The parser's complaint, clipped: it quotes the file's text (an undefined alias, an unknown tag)."""
+    mark = getattr(exc, "problem_mark", None)
+    line = f":{mark.line + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return RequestError(f"{name}{line}: not valid YAML: {clip(problem, 160, quote=False)}")
+
+
 def _yaml_items(text: str, name: str) -> list[Item]:
-    """A YAML (or JSON) list whose entries are prompts or mappings."""
+    """A YAML (or JSON) list whose entries are prompts or mappings. The text is parsed once into nodes, which
+    keep line numbers and are checked before values are built from them."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            if root is None:
+                return []
+            if not isinstance(root, yaml.SequenceNode):
+                raise RequestError(f"{name}:{root.start_mark.line + 1}: expected a list of prompts or mappings")
+            _check_yaml_graph(root, name)
+            data = loader.construct_document(root)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise RequestError(f"{name}{line}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+        raise _yaml_error(exc, name) from None
     except RecursionError:
         raise RequestError(f"{name}: not valid YAML: nested too deeply") from None
-    if root is None:
-        return []
-    if not isinstance(root, yaml.SequenceNode):
-        raise RequestError(f"{name}:{root.start_mark.line + 1}: expected a list of prompts or mappings")
     return [
         make_item(value, f"{name}:{node.start_mark.line + 1}", i)
         for i, (node, value) in enumerate(zip(root.value, data, strict=True))
@@ -148,11 +234,12 @@ def make_item(value: Any, where: str, position: int) -> Item:
         kind = ITEM_TYPES.get(key) if isinstance(key, str) else None
         if kind is None:
             raise RequestError(
-                f"{where}: unknown key '{key}'{_suggest(str(key), ITEM_TYPES)}; keys: {', '.join(ITEM_TYPES)}"
+                f"{where}: unknown key {clip(str(key))}{_suggest(str(key), ITEM_TYPES)}; keys: {', '.join(ITEM_TYPES)}"
             )
         if isinstance(raw, bool) or not isinstance(raw, (int, float) if kind is float else kind):
             expected = {str: "text", int: "an integer", float: "a number"}[kind]
-            raise RequestError(f"{where}: '{key}' must be {expected}, got {json.dumps(raw, default=str)}")
+            shown = clip(json.dumps(raw, default=str), quote=False)
+            raise RequestError(f"{where}: '{key}' must be {expected}, got {shown}")
         values[key] = float(raw) if kind is float else raw
     if not values.get("prompt", "").strip():
         raise RequestError(f"{where}: the item has no prompt")
@@ -177,7 +264,6 @@ def plan(
 ) -> list[Planned]:
     """Planned images of all items: an item's value, else the command line's, else the config's default.
     Image i of an item with seed S gets seed S+i."""
-    defaults = config.defaults
     planned: list[Planned] = []
     owners: dict[str, str] = {}
     for item in items:
@@ -187,16 +273,8 @@ def plan(
         template = merged.get("name", DEFAULT_NAME)
         prefix = f"{item.where}: " if item.where else ""
         for i in range(merged.get("count", 1)):
-            request = Request(
-                prompt=item.values["prompt"],
-                negative=merged.get("negative", defaults.negative),
-                seed=base + i,
-                steps=merged.get("steps", defaults.steps),
-                guidance=float(merged.get("guidance", defaults.guidance)),
-                sampler=merged.get("sampler", defaults.sampler),
-                width=merged.get("width", defaults.width),
-                height=merged.get("height", defaults.height),
-            )
+            given = {key: value for key, value in merged.items() if key not in ITEM_ONLY_TYPES}
+            request = build_request({**given, "prompt": item.values["prompt"], "seed": base + i}, config)
             try:
                 check_request(request, config)
                 stem = name_stem(template, request, index=first_index + len(planned), config=config_reference(config))
@@ -209,7 +287,7 @@ def plan(
                     "put {index} or {seed} in the name"
                 )
             owners[stem] = item.where
-            planned.append(Planned(item.where, first_index + len(planned), request, stem))
+            planned.append(Planned(item.where, first_index + len(planned), request, stem, template))
     return planned
 
 
@@ -236,17 +314,17 @@ def place(
                 complete = png.exists() and sidecar.exists()
                 if complete and not resume:
                     continue  # generate makes a new image even when an equal one exists
-                targets.append(Target(p, png, sidecar, done=complete))
+                targets.append(Target(p, png, sidecar, done=complete, replace=not complete))
                 break
             if found is None:
-                targets.append(Target(p, png, sidecar, done=False))
+                targets.append(Target(p, png, sidecar, done=False, replace=overwrite))
                 break
         claimed.add(stem)
     return targets
 
 
 def _request_meta(request: Request) -> dict[str, Any]:
-    return {**request.__dict__, "guidance": float(request.guidance)}
+    return dataclasses.asdict(request)
 
 
 def batches(images: Sequence[T], size: int) -> list[list[T]]:

@@ -1,30 +1,37 @@
-"""What a job tells the user on stderr: a live rich display on a terminal, plain lines in logs and pipes.
+"""What a job tells the user: each image's result line on stdout (its path, or a JSON object with
+--json), everything else on stderr: a live rich display on a terminal, plain lines in logs and pipes.
 
-stdout is never touched here: it carries only results.
+The job runner's `Events` listener for the command line.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from sdcli.runner import Outcome, Tally
 
 PLAIN_STEP_EVERY = 10.0  # seconds between plain "step i/n" lines, so logs show a long render is alive
 
 
 class Reporter:
-    """Progress over a job's images and the current batch's sampler steps, warnings, and a summary."""
+    """Progress over a job's images and the current batch's sampler steps, warnings, results and a summary."""
 
-    def __init__(self, *, quiet: bool, stream: TextIO | None = None, label: str = ""):
+    def __init__(
+        self, *, quiet: bool, stream: TextIO | None = None, label: str = "", json_lines: bool = False,
+        results: TextIO | None = None,
+    ):  # fmt: skip
         self.stream = stream or sys.stderr
+        self.results = results or sys.stdout
         self.quiet = quiet
+        self.json_lines = json_lines
         self.prefix = f"sdcli: {label}: " if label else "sdcli: "
         self.can_go_live = not label  # a shard's processes share one terminal: plain labelled lines only
         self.total = 0  # images to render (skipped ones excluded)
-        self.written = 0
-        self.skipped = 0
-        self.failed = 0
+        self.done = 0  # rendered images, written or failed
         self.steps = 0
         self.started = time.monotonic()
         self.render_seconds = 0.0
@@ -88,7 +95,7 @@ class Reporter:
 
     def start_batch(self, size: int) -> None:
         """A U-Net batch of `size` images begins."""
-        self._group = (self.written + self.failed + 1, size)
+        self._group = (self.done + 1, size)
         self._group_started = time.monotonic()
         if self._live is not None:
             self._live.reset(self._steps, total=None)
@@ -111,30 +118,53 @@ class Reporter:
         self.render_seconds += seconds
         return seconds
 
-    def image_written(self, path: Path, seconds: float) -> None:
-        self.written += 1
-        if self._live is not None:
-            self._live.advance(self._images)
-        self._last_line = time.monotonic()
-        self.info(f"[{self.written + self.failed}/{self.total}] {path} ({seconds:.1f} s)")
+    def image(self, outcome: Outcome) -> None:
+        """An image was written, skipped as complete, or failed (said even under --quiet)."""
+        if outcome.status != "skipped":
+            self.done += 1
+            if self._live is not None:
+                self._live.advance(self._images)
+        png = outcome.target.png
+        if outcome.status == "written":
+            self._last_line = time.monotonic()
+            self.info(f"[{self.done}/{self.total}] {png} ({outcome.meta['elapsed']:.1f} s)")
+        elif outcome.status == "skipped":
+            self.info(f"skipped {png}: already complete")
+        else:
+            planned = outcome.target.planned
+            what = ", ".join(filter(None, (planned.where, f"seed {planned.request.seed}", png.name)))
+            self._line(f"{self.prefix}failed: {what}: {outcome.error}")
+        self._result(outcome)
 
-    def image_failed(self, what: str, reason: str) -> None:
-        """An image could not be made; said even under --quiet, and the job goes on."""
-        self.failed += 1
-        if self._live is not None:
-            self._live.advance(self._images)
-        self._line(f"{self.prefix}failed: {what}: {reason}")
+    def _result(self, outcome: Outcome) -> None:
+        """The result line on stdout: the PNG path, or with --json the paths, status and metadata (a failed
+        image has a line only with --json)."""
+        if self.json_lines:
+            line = {"image": str(outcome.target.png), "metadata": str(outcome.target.sidecar)}
+            line |= {"status": outcome.status, **outcome.meta}
+            if outcome.error:
+                line["error"] = outcome.error
+            print(_json_line(line), file=self.results, flush=True)
+        elif not self.quiet and outcome.status != "failed":
+            print(outcome.target.png, file=self.results, flush=True)
 
-    def image_skipped(self, path: Path) -> None:
-        self.skipped += 1
-        self.info(f"skipped {path}: already complete")
-
-    def summary(self, remaining: int = 0, interrupted: str | None = None) -> None:
+    def summary(self, tally: Tally, interrupted: str | None = None) -> None:
         """The closing line; an interruption or a failed image makes it appear even under --quiet."""
         rate = f", {self.steps / self.render_seconds:.2f} it/s" if self.render_seconds > 0 and self.steps else ""
-        counts = f"{self.written} written, {self.skipped} skipped, {self.failed} failed"
+        counts = f"{tally.written} written, {tally.skipped} skipped, {tally.failed} failed"
         self.__exit__()
         if interrupted:
-            self._line(f"{self.prefix}{interrupted}: {counts}, {remaining} remaining")
-        elif self.failed or not self.quiet:
+            self._line(f"{self.prefix}{interrupted}: {counts}, {tally.remaining} remaining")
+        elif tally.failed or not self.quiet:
             self._line(f"{self.prefix}done: {counts} in {time.monotonic() - self.started:.1f} s{rate}")
+
+
+def _json_line(line: dict) -> str:
+    """One JSON object; ASCII-escaped when it holds text that is not UTF-8 (a path from undecodable bytes),
+    so the line stays valid JSON and json.loads gives the path back."""
+    text = json.dumps(line, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(line)
+    return text

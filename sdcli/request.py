@@ -1,39 +1,133 @@
-"""One image's complete recipe, validated without importing torch (the CLI checks input before loading)."""
+"""One image's complete recipe, and the one schema every other table derives from.
+
+`Request` lists the fields that decide an image's pixels (besides the model and where it runs). Prompt
+file keys, the sidecar's types, the `--name` fields, `--from`'s overrides and the planner are all derived
+from its fields and the two small tables of non-recipe keys below, so a new option is one new field.
+Validated without importing torch: the CLI checks input before a model loads.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
+from typing import Any
 
-from sdcli.config import SAMPLERS, ModelConfig, _suggest
+from sdcli.config import ModelConfig, _suggest
 from sdcli.errors import RequestError
+from sdcli.sampler_registry import SAMPLERS
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts any unsigned 64-bit value
+MAX_SIDE_FACTOR = 4  # a side may be this many times the model's default: SD repeats itself well before
+
+
+def _shared(**meta: Any) -> dict[str, Any]:
+    """A field that images must agree on to share one U-Net call."""
+    return {"shared": True, **meta}
 
 
 @dataclass(frozen=True)
 class Request:
-    """Everything that decides the pixels of one image, besides the model and the device/dtype."""
+    """Everything that decides the pixels of one image, besides the model and the device/dtype.
+
+    Field metadata: `shared` fields must be equal within a U-Net batch; `in_name` fields are `--name`
+    template fields; `legacy` is the value meant by a sidecar written before the field existed."""
 
     prompt: str
     negative: str
-    seed: int
-    steps: int
-    guidance: float
-    sampler: str
-    width: int
-    height: int
+    seed: int = field(metadata={"in_name": True})
+    steps: int = field(metadata=_shared(in_name=True))
+    guidance: float = field(metadata=_shared(in_name=True))
+    sampler: str = field(metadata=_shared(in_name=True))
+    width: int = field(metadata=_shared(in_name=True))
+    height: int = field(metadata=_shared(in_name=True))
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one U-Net batch."""
-        return (self.steps, self.guidance, self.sampler, self.width, self.height)
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("shared"))
+
+
+# Prompt-file keys that are not part of an image's recipe: how many images an item makes, and their names.
+ITEM_ONLY_TYPES: dict[str, type] = {"count": int, "name": str}
+# Sidecar keys beside the recipe: where the image came from and how it ran.
+PROVENANCE_TYPES: dict[str, type] = {
+    "config": str, "config_path": str, "weights": str, "weights_sha256": str, "device": str, "dtype": str,
+    "threads": int, "batch_size": int, "compile": bool, "sdcli_version": str, "elapsed": float, "created": str,
+}  # fmt: skip
+# Metadata keys (with the request's) whose equality means the same image: resume skips an equal recipe.
+RECIPE_PROVENANCE = ("config", "weights_sha256")
+
+
+def request_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Request))
+
+
+def request_types() -> dict[str, type]:
+    """Each request field's type (str, int or float)."""
+    hints = typing.get_type_hints(Request)
+    return {name: hints[name] for name in request_fields()}
+
+
+def item_types() -> dict[str, type]:
+    """What an item of a prompt file may set, and the type each must have."""
+    return {**request_types(), **ITEM_ONLY_TYPES}
+
+
+def metadata_types() -> dict[str, type]:
+    """The sidecar's keys and their types."""
+    return {**request_types(), **PROVENANCE_TYPES}
+
+
+def name_fields() -> tuple[str, ...]:
+    """The fields of a `--name` template."""
+    flagged = tuple(f.name for f in dataclasses.fields(Request) if f.metadata.get("in_name"))
+    return ("index", *flagged, "slug", "config")
+
+
+def recipe_keys() -> tuple[str, ...]:
+    return (*request_fields(), *RECIPE_PROVENANCE)
+
+
+def required_metadata() -> tuple[str, ...]:
+    """The request fields every sidecar must hold: all but those added after sidecars were first written."""
+    return tuple(f.name for f in dataclasses.fields(Request) if "legacy" not in f.metadata)
+
+
+def recorded_values(meta: dict[str, Any]) -> dict[str, Any]:
+    """A sidecar's request fields; a field it predates takes its `legacy` value."""
+    values = {}
+    for f in dataclasses.fields(Request):
+        if f.name in meta:
+            values[f.name] = meta[f.name]
+        elif "legacy" in f.metadata:
+            values[f.name] = f.metadata["legacy"]
+    return values
+
+
+def build_request(values: dict[str, Any], config: ModelConfig) -> Request:
+    """A request from the values given (prompt and seed always), the rest from the config's defaults or,
+    for a field the config has no default for, the field's own."""
+    chosen = {}
+    for f in dataclasses.fields(Request):
+        if f.name in values:
+            chosen[f.name] = values[f.name]
+        elif hasattr(config.defaults, f.name):
+            chosen[f.name] = getattr(config.defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            chosen[f.name] = f.default
+    chosen = {k: float(v) if request_types()[k] is float else v for k, v in chosen.items()}
+    return Request(**chosen)
 
 
 def check_request(request: Request, config: ModelConfig) -> Request:
     """Reject values the model cannot render; returns the request unchanged when it is fine."""
+    for name, kind in request_types().items():
+        value = getattr(request, name)
+        if kind is str and not _is_text(value):
+            raise RequestError(f"the {name} is not valid text (it holds bytes that are not UTF-8)")
     if request.sampler not in SAMPLERS:
         raise RequestError(
-            f"unknown sampler '{request.sampler}'{_suggest(request.sampler, SAMPLERS)}; "
+            f"unknown sampler '{request.sampler[:40]}'{_suggest(request.sampler, SAMPLERS)}; "
             f"valid samplers: {', '.join(SAMPLERS)}"
         )
     step = config.vae.downsample
@@ -41,6 +135,12 @@ def check_request(request: Request, config: ModelConfig) -> Request:
         value = getattr(request, name)
         if value <= 0 or value % step:
             raise RequestError(f"--{name} must be a positive multiple of {step}, got {value}")
+        largest = MAX_SIDE_FACTOR * getattr(config.defaults, name) // step * step
+        if value > largest:
+            raise RequestError(
+                f"--{name} {value} is more than {config.name} renders: at most {largest} "
+                f"({MAX_SIDE_FACTOR}x its default {getattr(config.defaults, name)})"
+            )
     if request.steps < 1:
         raise RequestError(f"--steps must be at least 1, got {request.steps}")
     if request.steps > config.schedule.num_train_timesteps:
@@ -55,5 +155,11 @@ def check_request(request: Request, config: ModelConfig) -> Request:
     return request
 
 
-def request_fields() -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(Request))
+def _is_text(value: str) -> bool:
+    """False for text holding lone surrogates: undecodable argv bytes, or "\\ud800" in JSON, which no file
+    could store as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

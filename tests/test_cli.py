@@ -12,7 +12,15 @@ import pytest
 
 from sdcli import __version__
 from sdcli.config import SAMPLERS, bundled_config_names
+from sdcli.jobs import Planned, Target
 from sdcli.progress import Reporter
+from sdcli.request import Request
+from sdcli.runner import Outcome, Tally
+
+
+def target(stem: str) -> Target:
+    request = Request("a", "", 1, 1, 1.0, SAMPLERS[0], 8, 8)
+    return Target(Planned("", 0, request, stem), Path(f"{stem}.png"), Path(f"{stem}.json"), done=False)
 
 HELP_WITHOUT_TORCH = """
 import resource, sys
@@ -140,16 +148,16 @@ class Terminal(io.StringIO):
 
 def test_live_progress_on_a_terminal_and_plain_lines_elsewhere():
     for stream, live in ((Terminal(), True), (io.StringIO(), False)):
-        with Reporter(quiet=False, stream=stream) as reporter:
+        with Reporter(quiet=False, stream=stream, results=io.StringIO()) as reporter:
             reporter.begin(2)
             reporter.start_batch(2)
             reporter.step(1, 3)
             reporter.warning("careful")
             reporter.step(3, 3)
             reporter.batch_done()
-            reporter.image_written(Path("a.png"), 0.5)
-            reporter.image_written(Path("b.png"), 0.5)
-            reporter.summary()
+            for name in ("a", "b"):
+                reporter.image(Outcome("written", target(name), {"elapsed": 0.5}))
+            reporter.summary(Tally(planned=2, written=2))
         text = stream.getvalue()
         assert "sdcli: warning: careful" in text and "done: 2 written, 0 skipped" in text
         assert "[2/2] b.png (0.5 s)" in text
@@ -161,7 +169,7 @@ def test_quiet_reporter_says_nothing_but_interruptions():
     with Reporter(quiet=True, stream=stream) as reporter:
         reporter.begin(3)
         reporter.warning("hidden")
-        reporter.summary()
+        reporter.summary(Tally(planned=3))
         assert stream.getvalue() == ""
-        reporter.summary(2, interrupted="interrupted")
+        reporter.summary(Tally(planned=2), interrupted="interrupted")
     assert stream.getvalue() == "sdcli: interrupted: 0 written, 0 skipped, 0 failed, 2 remaining\n"

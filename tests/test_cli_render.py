@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sdcli.outputs import infotext
+from sdcli.outputs import infotext, shareable
 
 
 def pairs(folder: Path) -> list[str]:
@@ -59,7 +59,7 @@ def test_generate_writes_one_png_and_one_json(cli, tiny_model, tmp_path):
     assert recorded["elapsed"] > 0 and recorded["created"] and recorded["sdcli_version"]
     with Image.open(png) as image:
         assert image.size == (32, 32) and image.mode == "RGB"
-        assert json.loads(image.text["sdcli"]) == recorded
+        assert json.loads(image.text["sdcli"]) == shareable(recorded)  # no local paths in a shared picture
         assert image.text["parameters"] == infotext(recorded)
         assert np.asarray(image).std() > 1  # a picture, not a flat fill
     assert "[1/1]" in ran.err and "done: 1 written, 0 skipped" in ran.err
@@ -96,8 +96,9 @@ def test_from_reproduces_the_pixels_exactly(cli, tiny_model, tmp_path):
     cli("generate", "a blue square", "-c", tiny_model, "-o", tmp_path, "--seed", "7", "--sampler", "dpmpp_2m", "-q")
     (stem,) = pairs(tmp_path)
     original = pixels(tmp_path / f"{stem}.png")
-    for source in (f"{stem}.png", f"{stem}.json"):
-        again = cli("generate", "--from", tmp_path / source, "-o", tmp_path / "again", "--json")
+    for source, config in ((f"{stem}.png", ["-c", tiny_model]), (f"{stem}.json", [])):
+        # the sidecar records the config file's path; the PNG, which travels, names no local path
+        again = cli("generate", "--from", tmp_path / source, *config, "-o", tmp_path / "again", "--json")
         made = json.loads(again.out)
         assert np.array_equal(pixels(Path(made["image"])), original), source
         keep = (
@@ -116,12 +117,12 @@ def test_from_reproduces_the_pixels_exactly(cli, tiny_model, tmp_path):
         assert {k: made[k] for k in keep} == {k: meta(tmp_path, stem)[k] for k in keep}
     changed = json.loads(
         cli(
-            "generate", "--from", tmp_path / f"{stem}.png", "-o", tmp_path / "b", "--json", "--steps", "5", "-W", "48"
+            "generate", "--from", tmp_path / f"{stem}.json", "-o", tmp_path / "b", "--json", "--steps", "5", "-W", "48"
         ).out
     )
     assert (changed["steps"], changed["width"], changed["seed"], changed["sampler"]) == (5, 48, 7, "dpmpp_2m")
     other = json.loads(
-        cli("generate", "--from", tmp_path / f"{stem}.png", "a green square", "-o", tmp_path / "c", "--json").out
+        cli("generate", "--from", tmp_path / f"{stem}.json", "a green square", "-o", tmp_path / "c", "--json").out
     )
     assert other["prompt"] == "a green square" and not np.array_equal(pixels(Path(other["image"])), original)
 
@@ -199,10 +200,11 @@ def test_resume_renders_only_what_is_missing(cli, tiny_model, tmp_path, monkeypa
     stems = pairs(out)
     (out / f"{stems[1]}.png").unlink()
     (out / f"{stems[1]}.json").unlink()
-    (out / f"{stems[2]}.json").unlink()  # as if killed between the PNG's and the JSON's rename
-    kept = {s: (out / f"{s}.png").stat().st_mtime_ns for s in (stems[0], stems[3])}
+    (out / f"{stems[2]}.json").unlink()  # as if killed between the PNG's and the JSON's publish
+    kept = {s: (out / f"{s}.png").stat().st_mtime_ns for s in (stems[0], stems[2], stems[3])}
     second = {Path(m["image"]).stem: m["status"] for m in map(json.loads, cli(*args).out.splitlines())}
-    assert second == {stems[0]: "skipped", stems[1]: "written", stems[2]: "written", stems[3]: "skipped"}
+    # the lone PNG is whole and carries its metadata: its sidecar is written back from it, not re-rendered
+    assert second == {stems[0]: "skipped", stems[1]: "written", stems[2]: "skipped", stems[3]: "skipped"}
     assert pairs(out) == stems and all((out / f"{s}.png").stat().st_mtime_ns == t for s, t in kept.items())
 
     import sdcli.pipeline
@@ -290,13 +292,13 @@ def test_sigterm_mid_batch_leaves_only_complete_pairs(cli, tiny_model, tmp_path)
 def test_ctrl_c_mid_batch_exits_130_with_a_summary(cli, tiny_model, tmp_path, monkeypatch):
     from sdcli.progress import Reporter
 
-    written = Reporter.image_written
+    reported = Reporter.image
 
-    def then_ctrl_c(self, path, seconds):
-        written(self, path, seconds)
+    def then_ctrl_c(self, outcome):
+        reported(self, outcome)
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(Reporter, "image_written", then_ctrl_c)
+    monkeypatch.setattr(Reporter, "image", then_ctrl_c)
     (tmp_path / "p.txt").write_text("a\nb\nc\n")
     ran = cli("batch", tmp_path / "p.txt", "-c", tiny_model, "-o", tmp_path / "out", "--steps", "1")
     assert ran.code == 130 and ran.err_lines[-1] == "sdcli: interrupted: 1 written, 0 skipped, 0 failed, 2 remaining"

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from sdcli.cli import NON_FINITE
-from sdcli.outputs import TEMP_SUFFIX
+from sdcli.outputs import TEMP_SUFFIX, shareable
+from sdcli.runner import NON_FINITE
 
 OVERFLOW = 1e30  # a guidance scale that overflows fp32 in the guided noise estimate
 
@@ -36,7 +36,7 @@ def pairs(folder: Path, *, temps_allowed: bool = False) -> list[str]:
     for stem in stems:  # complete: the PNG decodes whole, the sidecar parses and describes it
         with Image.open(folder / f"{stem}.png") as image:
             image.load()
-            assert json.loads(image.text["sdcli"]) == json.loads((folder / f"{stem}.json").read_text())
+            assert json.loads(image.text["sdcli"]) == shareable(json.loads((folder / f"{stem}.json").read_text()))
     return stems
 
 
@@ -173,14 +173,14 @@ def test_a_folder_that_turns_read_only_mid_batch_keeps_what_is_done(cli, model, 
     from sdcli.progress import Reporter
 
     disk = small_disk("size=1m")
-    written = Reporter.image_written
+    reported = Reporter.image
 
-    def then_read_only(self, path, seconds):
-        written(self, path, seconds)
-        if self.written == 1:
+    def then_read_only(self, outcome):
+        reported(self, outcome)
+        if self.done == 1:
             small_disk("ro")
 
-    monkeypatch.setattr(Reporter, "image_written", then_read_only)
+    monkeypatch.setattr(Reporter, "image", then_read_only)
     prompts, out = tmp_path / "p.txt", disk / "out"
     prompts.write_text("a\nb\nc\n")
     ran = cli("batch", prompts, "-c", model[0], "-o", out, "--steps", "1", "--batch-size", "1")

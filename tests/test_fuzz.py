@@ -17,7 +17,10 @@ from PIL import Image, PngImagePlugin
 from sdcli.config import ModelConfig, parse_config
 from sdcli.errors import SdcliError
 from sdcli.jobs import ITEM_TYPES, derived_seed, plan, read_items
-from sdcli.outputs import META_TYPES, PNG_KEY, read_metadata
+from sdcli.outputs import PNG_KEY, read_metadata
+from sdcli.request import metadata_types
+
+META_TYPES = metadata_types()
 
 # Deterministic, so the suite passes or fails the same way on every run; a few seconds in all.
 FUZZ = settings(
@@ -165,7 +168,7 @@ def test_from_on_the_command_line_never_crashes(cli, tiny_model, folder, monkeyp
     config and device; the CLI fixture fails the test on any exception that is not a clean exit."""
     import sdcli.cli
 
-    monkeypatch.setattr(sdcli.cli, "_render", lambda *args, **kwargs: None)
+    monkeypatch.setattr(sdcli.cli, "run_job", lambda *args, **kwargs: None)
     meta = {**meta, "config": str(tiny_model) if meta["config"] == "tiny" else meta["config"]}
     path = folder / "from.json"
     path.write_text(json.dumps(meta, allow_nan=True))

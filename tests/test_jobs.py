@@ -163,10 +163,10 @@ def _planned(tiny_config, **values):
 def _finish(target, tiny_config, sha="s" * 64, *, sidecar=True):
     meta = build_metadata(
         target.planned.request, config=tiny_config, weights=Path("w"), weights_sha256=sha, device="cpu", dtype="fp32",
-        batch_size=1, elapsed=0.0,
+        threads=1, batch_size=1, elapsed=0.0,
     )  # fmt: skip
     image = Image.fromarray(np.zeros((4, 4, 3), np.uint8))
-    write_pair(image, meta, target.png, target.sidecar)
+    write_pair(image, meta, [(target.png, target.sidecar)])
     if not sidecar:
         target.sidecar.unlink()
 
@@ -209,12 +209,21 @@ def test_foreign_files_are_never_overwritten(tmp_path, tiny_config):
     assert target.png.name == "00000-1-a-2.png"
 
 
-def test_an_orphan_png_of_the_same_recipe_is_redone_in_place(tmp_path, tiny_config):
-    """Killed between the PNG and the JSON rename: the PNG is ours (its chunk says so) and gets redone."""
+def test_an_orphan_png_of_the_same_recipe_gets_its_sidecar_back(tmp_path, tiny_config):
+    """Killed between the PNG's and the JSON's publish: the PNG is whole and carries its metadata, so the
+    next run writes the sidecar from it and counts the image done."""
     (first,) = place(_planned(tiny_config), tmp_path, EXTRA, overwrite=False, resume=True)
     _finish(first, tiny_config, sidecar=False)
     (again,) = place(_planned(tiny_config), tmp_path, EXTRA, overwrite=False, resume=True)
-    assert (again.png, again.done) == (first.png, False)
+    assert (again.png, again.done) == (first.png, True) and first.sidecar.is_file()
+
+
+def test_an_orphan_sidecar_of_the_same_recipe_is_replaced_in_place(tmp_path, tiny_config):
+    (first,) = place(_planned(tiny_config), tmp_path, EXTRA, overwrite=False, resume=True)
+    _finish(first, tiny_config)
+    first.png.unlink()
+    (again,) = place(_planned(tiny_config), tmp_path, EXTRA, overwrite=False, resume=True)
+    assert (again.png, again.done, again.replace) == (first.png, False, True)
 
 
 def test_suffixes_are_not_shared_within_one_job(tmp_path, tiny_config):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
+import diffusers
 import pytest
 import torch
-import diffusers
 
 from sdcli.config import SAMPLERS, ScheduleConfig, load_config
 from sdcli.errors import RequestError

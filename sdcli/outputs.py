@@ -108,6 +108,11 @@ def check_name_template(template: str) -> None:
         "index": 0, "slug": "x", "config": "x"})
 
 
+def template_fields(template: str) -> set[str]:
+    """The fields a (checked) --name template uses."""
+    return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+
+
 def name_stem(template: str, request: Request, *, index: int, config: str) -> str:
     """A file name without extension from the --name template and one image's settings."""
     fields = {name: getattr(request, name) for name in NAME_FIELDS if name in request_types()}

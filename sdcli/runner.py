@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +32,7 @@ from sdcli.outputs import (
     name_stem,
     prepare_folder,
     remove_stale_temps,
+    template_fields,
     write_pair,
 )
 
@@ -232,19 +234,20 @@ class _Renderer:
             self.events.image(Outcome("written", placed, meta))
 
     def _candidates(self, target: Target) -> Iterator[tuple[Path, Path]]:
-        """Names to try, in order. A new image (generate) counts on from the folder's highest number as it is
-        now, so two processes writing into one folder never share an index; a planned one (batch) keeps its
-        name; either takes the next free `-N` suffix when another process got there first."""
-        stem = target.png.stem
-        planned = target.planned
-        if not self.run.resume and not target.replace and "{index" in planned.template:
-            index = max(planned.index, next_index(self.run.out))
-            stem = name_stem(planned.template, planned.request, index=index, config=config_reference(self.job.model))
-        yield target.png.with_name(f"{stem}.png"), target.sidecar.with_name(f"{stem}.json")
-        if target.replace:
-            return
-        for n in range(1, SUFFIXES):
-            yield target.png.with_name(f"{stem}-{n}.png"), target.sidecar.with_name(f"{stem}-{n}.json")
+        """Names to try, in order. A new image (generate) whose name has an {index} counts on from the
+        folder's highest number as it is now, to the first free name, so two processes writing into one
+        folder never share an index; any other takes the next free `-N` suffix when its name is taken."""
+        planned, folder = target.planned, self.run.out
+        if self.run.resume or target.replace or "index" not in template_fields(planned.template):
+            stems = chain([target.png.stem], (f"{target.png.stem}-{n}" for n in range(1, SUFFIXES)))
+            if target.replace:
+                stems = islice(stems, 1)
+        else:
+            start = max(planned.index, next_index(folder))
+            config = config_reference(self.job.model)
+            stems = (name_stem(planned.template, planned.request, index=i, config=config)
+                     for i in range(start, start + SUFFIXES))  # fmt: skip
+        return ((folder / f"{stem}.png", folder / f"{stem}.json") for stem in stems)
 
     def _failed(self, target: Target, reason: str) -> None:
         self.tally.failed += 1

@@ -211,3 +211,38 @@ def test_a_job_runs_without_the_command_line(tiny_model, tmp_path):
     again = Recorder()
     run_job(Job(model, planned, Run(out=tmp_path)), again)
     assert [o.status for o in again.outcomes] == ["skipped"] * 4 and again.summaries[-1][0].skipped == 4
+
+
+# --- two processes, one folder -----------------------------------------------------------------------
+
+
+def _generate_together(tiny_model, out, *extra) -> list[subprocess.CompletedProcess]:
+    """Two `sdcli generate` started at once into one folder: both plan before either writes."""
+    argv = [sys.executable, "-m", "sdcli", "generate", "x", "-c", str(tiny_model), "-o", str(out), *extra]
+    children = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV) for _ in range(2)]
+    return [subprocess.CompletedProcess(argv, c.wait(timeout=300), *c.communicate()) for c in children]
+
+
+@pytest.mark.parametrize("name", ["img-{index}", None])
+def test_two_generates_into_one_folder_keep_both_images_and_indexes(tiny_model, tmp_path, name):
+    out = tmp_path / "out"
+    runs = _generate_together(tiny_model, out, *(["--name", name] if name else []), "--seed", "5")
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr.decode() for r in runs]
+    printed = sorted(r.stdout.decode().strip() for r in runs)
+    assert printed[0] != printed[1] and all(Path(p).is_file() for p in printed)
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len(pngs) == 2 and sorted(p.name for p in out.glob("*.json")) == [n[:-4] + ".json" for n in pngs]
+    assert pngs == (["img-0.png", "img-1.png"] if name else pngs) and [n[:6] for n in pngs] != ["00000-"] * 2
+    if name is None:
+        assert sorted(n[:5] for n in pngs) == ["00000", "00001"]
+
+
+def test_a_symlink_at_the_name_is_never_written_through(cli, tiny_model, tmp_path):
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    victim.write_text("precious")
+    for suffix in (".png", ".json"):
+        (out / f"img{suffix}").symlink_to(victim)
+    ran = cli("generate", "x", "-c", tiny_model, "-o", out, "--name", "img")
+    assert ran.code == 0 and ran.out.strip() == str(out / "img-1.png")
+    assert victim.read_text() == "precious" and (out / "img.png").is_symlink()

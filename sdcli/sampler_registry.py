@@ -60,7 +60,9 @@ _SPECS = (
                 "run_lms"),
     SamplerSpec(
         "dpmpp_2m", "DPM-Solver++(2M) (Lu et al. 2022); diffusers DPMSolverMultistepScheduler",
-        "DPMSolverMultistepScheduler", "DPM++ 2M", "Uniform", "run_dpmpp_2m",
+        # A1111's "Uniform" runs down to t=0 (last sigma 0.029); "SGM Uniform" stops where diffusers' linspace
+        # does (0.226), within 5e-3 of sdcli's sigmas at 10-50 steps (docs/metadata.md)
+        "DPMSolverMultistepScheduler", "DPM++ 2M", "SGM Uniform", "run_dpmpp_2m",
     ),
     SamplerSpec(
         "dpmpp_2m_karras", "DPM-Solver++(2M), Karras sigmas; the same with use_karras_sigmas=True",

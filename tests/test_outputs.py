@@ -123,12 +123,12 @@ def test_a1111_infotext():
         "a red circle, on white!\n"
         "Negative prompt: blurry\n"
         "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 42, Size: 64x48, "
-        'Model hash: 6ce0161689, Model: "v1-5, pruned", RNG: CPU, Version: sdcli 0.1.0'
+        'Model hash: 6ce0161689, Model: "v1-5, pruned", RNG: CPU'
     )
     assert "Negative prompt" not in infotext(meta_for(negative=""))
     # DDIM has no schedule choice in A1111, so no "Schedule type"; plain DPM++ 2M is told apart from Karras
     assert "Sampler: DDIM, CFG" in infotext(meta_for(sampler="ddim"))
-    assert "Sampler: DPM++ 2M, Schedule type: Uniform," in infotext(meta_for(sampler="dpmpp_2m"))
+    assert "Sampler: DPM++ 2M, Schedule type: SGM Uniform," in infotext(meta_for(sampler="dpmpp_2m"))
 
 
 def test_the_png_carries_no_local_path_and_from_finds_the_weights_by_name(tmp_path, monkeypatch):

@@ -193,7 +193,7 @@ def count_flops(config, sizes: tuple[int, ...]) -> dict[str, dict[int, float]]:
     result: dict[str, dict[int, float]] = {"unet": {}, "vae": {}}
     with torch.device("meta"), torch.inference_mode():
         unet, vae = UNet(config.unet), AutoencoderKL(config.vae)
-        context = torch.empty(2, config.text.context_length, config.unet.context_dim)
+        context = torch.empty(2, config.text[0].context_length, config.unet.context_dim)
         for size in sizes:
             latent = (size // factor, size // factor)
             x = torch.empty(2, config.unet.in_channels, *latent)

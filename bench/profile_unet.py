@@ -45,7 +45,7 @@ def unets(checkpoint: Path, dtype: str, folder: Path):
     ).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, config.unet.in_channels, 64, 64, generator=g).to(pipe.dtype)
-    uncond, cond = torch.randn(2, config.text.context_length, config.unet.context_dim, generator=g).to(pipe.dtype)
+    uncond, cond = torch.randn(2, config.text[0].context_length, config.unet.context_dim, generator=g).to(pipe.dtype)
     ours = pipe.guided_model(cond[None], uncond[None], GUIDANCE)
     context = torch.stack([uncond, cond])
 

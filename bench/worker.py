@@ -80,7 +80,7 @@ class Sdcli:
 
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, self.config.unet.in_channels, *latent, generator=g).to(self.dtype)
-        context = torch.randn(2, self.config.text.context_length, self.config.unet.context_dim, generator=g)
+        context = torch.randn(2, self.config.text[0].context_length, self.config.unet.context_dim, generator=g)
         cond, uncond = context.to(self.dtype).chunk(2)
         return self.pipe.guided_model(cond, uncond, GUIDANCE), x
 
@@ -128,7 +128,7 @@ class Diffusers:
 
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, self.config.unet.in_channels, *latent, generator=g).to(self.dtype)
-        context = torch.randn(2, self.config.text.context_length, self.config.unet.context_dim, generator=g)
+        context = torch.randn(2, self.config.text[0].context_length, self.config.unet.context_dim, generator=g)
         context = context.to(self.dtype)
         unet = self.pipe.unet
 

@@ -192,12 +192,93 @@ def _check_entry(entry) -> tuple[str, tuple[int, ...], int, int] | None:
     return dtype, tuple(shape), start, end
 
 
-def describe_family(keys) -> str | None:
-    """A human name for the checkpoint family, from which text-encoder layout the keys use."""
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "an SDXL checkpoint"
-    if any(k.startswith(TEXT_PREFIXES["open_clip"]) for k in keys):
-        return "an SD 2.x checkpoint (OpenCLIP text encoder): try --config sd21-v or sd21-base"
-    if any(k.startswith(TEXT_PREFIXES["hf_clip"]) for k in keys):
-        return "an SD 1.x checkpoint (CLIP ViT-L text encoder): try --config sd15"
+def text_prefix(cfg) -> str:
+    """Where a text encoder (a TextConfig) lives in the file: its config's prefix, else its layout's SD 1.x/2.x one."""
+    return cfg.prefix or TEXT_PREFIXES[cfg.layout]
+
+
+# Keys that tell one family of single-file checkpoints from another (diffusers' single_file_utils
+# CHECKPOINT_KEY_NAMES, and the files themselves).
+SDXL_CLIP_L = "conditioner.embedders.0.transformer.text_model."
+SDXL_BIGG = "conditioner.embedders.1.model."
+REFINER_BIGG = "conditioner.embedders.0.model."
+UNET_INPUT = UNET_PREFIX + "input_blocks.0.0.weight"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a checkpoint's keys say it is: a bundled config that renders it, or why none does."""
+
+    description: str
+    config: str | None = None  # the bundled config's name, when sdcli renders the family
+
+
+def detect_family(shapes: dict[str, tuple[int, ...]]) -> Family | None:
+    """The family of a checkpoint from its tensor names (and one shape); None when nothing is recognised."""
+    keys = shapes.keys()
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has(UNET_PREFIX + "joint_blocks.") or has("joint_blocks."):
+        return Family("a Stable Diffusion 3 checkpoint (MMDiT), which sdcli does not render")
+    if has(UNET_PREFIX + "double_blocks.") or has("double_blocks.") or has("double_stream_blocks."):
+        return Family("a Flux checkpoint, which sdcli does not render")
+    if has("lora_unet_") or has("lora_te") or any(".lora_A." in k or ".lora_down." in k for k in keys):
+        return Family("a LoRA (weights to add to a model), not a checkpoint")
+    if any(k.endswith(("hada_w1_a", "lokr_w1")) for k in keys):
+        return Family("a LyCORIS LoHa/LoKr, not a checkpoint")
+    if has("string_to_param") or (len(shapes) <= 2 and has("emb_params")) or (has("clip_l") and has("clip_g")):
+        return Family("a textual-inversion embedding, not a checkpoint")
+    unet = has(UNET_PREFIX)
+    if not unet and (has("decoder.conv_in.") or has(VAE_PREFIX + "decoder.")):
+        return Family("a VAE alone, not a whole checkpoint")
+    if not unet and (has("down_blocks.") or has("mid_block.")):
+        return Family("a diffusers-layout U-Net alone, not a single-file checkpoint")
+    if not unet:
+        return None
+    shape = shapes.get(UNET_INPUT) or ()
+    inputs = shape[1] if len(shape) > 1 else 4
+    if inputs != 4:
+        kind = "an inpainting U-Net (9 input channels)" if inputs == 9 else f"a U-Net with {inputs} input channels"
+        return Family(f"a checkpoint with {kind}, which sdcli does not render yet")
+    if has(REFINER_BIGG) and not has(SDXL_CLIP_L):
+        return Family("an SDXL refiner, which sdcli does not render")
+    if has(SDXL_CLIP_L) and has(SDXL_BIGG):
+        return Family("an SDXL checkpoint", "sdxl")
+    if has(TEXT_PREFIXES["open_clip"]):
+        # v-prediction and epsilon files have the same keys; the 768-v model is the common download
+        return Family("an SD 2.x checkpoint (OpenCLIP text encoder; 512 base files need --config sd21-base)", "sd21-v")
+    if has(TEXT_PREFIXES["hf_clip"]):
+        return Family("an SD 1.x checkpoint (CLIP ViT-L text encoder)", "sd15")
     return None
+
+
+def config_for_weights(path: Path, *, allow_pickle: bool = False) -> str:
+    """The bundled config that renders a checkpoint, from its keys: what `--weights FILE` without
+    `--config` means. A file of a family sdcli does not render is a clear error naming what it looks like."""
+    if is_pickle(path):
+        check_pickle_allowed(path, allow_pickle)
+        from sdcli.weights import open_tensors  # torch, only for a pickle
+
+        with open_tensors(path, allow_pickle=True) as tensors:
+            shapes = tensors.shapes
+    else:
+        shapes = {key: info.shape for key, info in read_header(path).items()}
+    family = detect_family(shapes)
+    if family is None:
+        raise CheckpointError(
+            f"{path}: not a checkpoint sdcli recognises (SD 1.x, SD 2.x or SDXL single-file layout); "
+            "pass --config for a model of your own"
+        )
+    if family.config is None:
+        raise CheckpointError(f"{path}: this looks like {family.description}")
+    return family.config
+
+
+def describe_family(shapes) -> str | None:
+    """A human name for the checkpoint family, with the config that renders it when there is one."""
+    family = detect_family(shapes if isinstance(shapes, dict) else dict.fromkeys(shapes, ()))
+    if family is None:
+        return None
+    return f"{family.description}: try --config {family.config}" if family.config else family.description

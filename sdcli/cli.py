@@ -20,8 +20,8 @@ import typer
 from typer.core import TyperGroup
 
 from sdcli import __version__
-from sdcli.checkpoint import weights_problem
-from sdcli.config import SAMPLERS, bundled_config_names, load_config, user_config_dir
+from sdcli.checkpoint import config_for_weights, weights_problem
+from sdcli.config import SAMPLERS, bundled_config_names, find_weights, load_config, user_config_dir
 from sdcli.distributed import current_shard, shard_device, share
 from sdcli.errors import CheckpointError, ConfigError, RequestError, SdcliError, Terminated
 from sdcli.jobs import MAX_COUNT, Item, derived_seed, next_index, plan, read_items
@@ -258,7 +258,7 @@ def generate(
     if from_ is not None and config is None:
         model = _from_config(recorded, from_)
     else:
-        model = load_config(config or DEFAULT_CONFIG)
+        model = _model(config, weights, allow_pickle)
     if from_ is not None and weights is None:
         weights = recorded_weights(recorded, model)
     run = _run_settings(
@@ -269,6 +269,17 @@ def generate(
     seeds = lambda _: secrets.randbelow(SEED_RANGE)  # noqa: E731
     planned = plan(items, _given(options, ITEM_ONLY_TYPES), model, seed_for=seeds, first_index=next_index(run.out))
     _run(Job(model, planned, run, recorded, str(from_ or "")), quiet=quiet, json_lines=json_out)
+
+
+def _model(config: str | None, weights: str | None, allow_pickle: bool):
+    """The config asked for; without one, the bundled config of the --weights file's family (from its keys),
+    else the demo model."""
+    if config is None and weights is not None:
+        path = find_weights(weights)
+        if not path.is_file():
+            raise CheckpointError(f"weights file not found: {path}")
+        config = config_for_weights(path, allow_pickle=allow_pickle)
+    return load_config(config or DEFAULT_CONFIG)
 
 
 def _from_config(recorded: dict[str, Any], source: Path):
@@ -332,7 +343,7 @@ def batch(
     )  # fmt: skip
     part = current_shard(shard)
     items = read_items(file)
-    model = load_config(config or DEFAULT_CONFIG)
+    model = _model(config, weights, allow_pickle)
     given = _given(options, (key for key in item_types() if key != "prompt"))
     planned = share(plan(items, given, model, seed_for=derived_seed), part, run.batch_size)
     run = dataclasses.replace(run, device=shard_device(run.device, part))

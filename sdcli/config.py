@@ -25,15 +25,18 @@ from sdcli.sampler_registry import SAMPLERS
 
 @dataclass(frozen=True)
 class TextConfig:
-    """The CLIP text tower (an OpenCLIP TextTransformer) and how prompts become token ids."""
+    """One CLIP text tower (an OpenCLIP TextTransformer) and how prompts become its token ids."""
 
     layout: Literal["hf_clip", "open_clip"]  # how the checkpoint stores it: SD 1.x hf_clip, SD 2.x open_clip
-    width: int  # transformer width: 768 for ViT-L/14 (SD 1.x), 1024 for ViT-H/14 (SD 2.x)
+    width: int  # transformer width: 768 for ViT-L/14 (SD 1.x), 1024 for ViT-H/14 (SD 2.x), 1280 for bigG
     heads: int  # attention heads per layer
     layers: int  # residual blocks stored in the file (all are loaded, even an unused last one)
     activation: Literal["quick_gelu", "gelu"]  # MLP non-linearity: OpenAI CLIP quick_gelu, OpenCLIP gelu
-    output_layer: Literal["last", "penultimate"]  # which block's output feeds ln_final then the U-Net
+    output_layer: Literal["last", "penultimate"]  # which block's output is the cross-attention context
     pad_id: int  # 49407 (end token) for SD 1.x, 0 for SD 2.x: all 77 positions reach cross-attention
+    final_norm: bool = True  # ln_final on that output (SD 1.x/2.x); SDXL's encoders hand it over raw
+    pooled: bool = False  # also the pooled embedding: ln_final of the last block at the end token, projected
+    prefix: str | None = None  # where the file keeps it; default by layout (SD 1.x/2.x's cond_stage_model)
     vocab_size: int = 49408  # OpenCLIP's bundled BPE vocabulary
     context_length: int = 77  # tokens per prompt, start and end tokens included
     mlp_ratio: float = 4.0  # MLP hidden width over transformer width
@@ -50,15 +53,20 @@ class UNetConfig:
     context_dim: int  # width of the text context fed to cross-attention
     num_heads: int | None = None  # fixed head count (SD 1.x: 8); exactly one of num_heads/head_dim
     head_dim: int | None = None  # fixed head width (SD 2.x: 64), heads = channels / head_dim
-    transformer_depth: int = 1  # transformer blocks per spatial transformer
+    transformer_depth: tuple[int, ...] = (1,)  # transformer blocks per spatial transformer: per level, or one for all
     linear_proj: bool = False  # proj_in/proj_out as Linear (SD 2.x) instead of 1x1 Conv (SD 1.x)
     in_channels: int = 4  # latent channels in
     out_channels: int = 4  # latent channels out
     norm_groups: int = 32  # GroupNorm groups everywhere in the U-Net
+    adm_in_channels: int | None = None  # width of the extra conditioning vector `y` (SDXL: 2816), via label_emb
 
     def heads_at(self, channels: int) -> int:
         """Attention heads for a transformer of `channels` width."""
         return self.num_heads if self.num_heads is not None else channels // self.head_dim
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks at `level`; the middle block takes the last level's."""
+        return self.transformer_depth[min(level, len(self.transformer_depth) - 1)]
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class VAEConfig:
     image_channels: int = 3  # RGB
     norm_groups: int = 32  # GroupNorm groups
     scale_factor: float = 0.18215  # latents are divided by this before decoding
+    force_upcast: bool = True  # overflows in fp16 (every SD VAE but fixed fine-tunes): runs in fp32 when fp16 is asked
 
     @property
     def downsample(self) -> int:
@@ -91,6 +100,25 @@ class ScheduleConfig:
     steps_offset: int = 1  # added to "leading" spaced timesteps, as SD's scheduler configs do
     set_alpha_to_one: bool = False  # DDIM/PNDM: alpha of the step before t=0 is alphas_cumprod[0]
     clip_sample: bool = False  # DDIM: clip the predicted x0 to [-1, 1]
+    # None: each scheduler's own default (SD 1.x/2.x configs); SDXL: "leading"
+    timestep_spacing: Literal["leading", "linspace", "trailing"] | None = None
+
+
+SIZE_PARTS = ("original_size", "crop_coords_top_left", "target_size")  # SDXL's size conditioning, (h, w) each
+
+
+@dataclass(frozen=True)
+class ConditioningConfig:
+    """How the text encoders' outputs and the image size become what the U-Net is conditioned on."""
+
+    vector: tuple[Literal["pooled", "original_size", "crop_coords_top_left", "target_size"], ...] = ()
+    # the parts of the U-Net's `y` vector, concatenated in order (SDXL: pooled, then the three size pairs)
+    size_embed_dim: int = 256  # Fourier features per size number (sgm ConcatTimestepEmbedderND outdim)
+    zero_empty_negative: bool = False  # an empty negative conditions on zeros (SDXL, as sgm and A1111 do)
+
+    def vector_width(self, pooled_width: int) -> int:
+        """Width of `y` given the pooled embedding's."""
+        return sum(pooled_width if part == "pooled" else 2 * self.size_embed_dim for part in self.vector)
 
 
 @dataclass(frozen=True)
@@ -111,11 +139,12 @@ class ModelConfig:
 
     name: str  # short name, recorded in every image's metadata
     weights: str  # .safetensors path; relative paths are searched (see resolve_weights)
-    text: TextConfig
+    text: tuple[TextConfig, ...]  # the text encoders (YAML: one mapping, or a list); contexts concatenated
     unet: UNetConfig
     vae: VAEConfig
     schedule: ScheduleConfig
     defaults: Defaults
+    conditioning: ConditioningConfig = ConditioningConfig()
     description: str = ""
     source: Path | None = field(default=None, compare=False)  # the YAML file it came from
 
@@ -124,17 +153,25 @@ class ModelConfig:
         directory, in $SDCLI_WEIGHTS_DIR (by path, then by file name), beside the config file and one folder
         up (so a bundled config finds the repository's weights/), then in the sdcli package (bundled assets).
         When none exists, the first place is returned so the error names it."""
-        raw = Path(override if override is not None else self.weights).expanduser()
-        if raw.is_absolute():
-            return raw
-        candidates = [Path.cwd() / raw]
-        if os.environ.get("SDCLI_WEIGHTS_DIR"):
-            store = Path(os.environ["SDCLI_WEIGHTS_DIR"]).expanduser()
-            candidates += [store / raw, store / raw.name]
-        if self.source is not None and override is None:
-            candidates += [self.source.parent / raw, self.source.parent.parent / raw]
-        candidates.append(Path(__file__).resolve().parent / raw)
-        return next((c for c in candidates if c.exists()), candidates[0])
+        if override is not None:
+            return find_weights(override)
+        return find_weights(self.weights, self.source)
+
+
+def find_weights(raw: str | os.PathLike, config_source: Path | None = None) -> Path:
+    """A weights path as ModelConfig.resolve_weights looks it up; beside `config_source` (and one folder up)
+    when the path comes from that config file."""
+    raw = Path(raw).expanduser()
+    if raw.is_absolute():
+        return raw
+    candidates = [Path.cwd() / raw]
+    if os.environ.get("SDCLI_WEIGHTS_DIR"):
+        store = Path(os.environ["SDCLI_WEIGHTS_DIR"]).expanduser()
+        candidates += [store / raw, store / raw.name]
+    if config_source is not None:
+        candidates += [config_source.parent / raw, config_source.parent.parent / raw]
+    candidates.append(Path(__file__).resolve().parent / raw)
+    return next((c for c in candidates if c.exists()), candidates[0])
 
 
 # Bounds on config numbers, so a value that no network can be built or run with is refused with its file and
@@ -174,8 +211,9 @@ FIELD_BOUNDS: dict[type, dict[str, Bounds]] = {
     UNetConfig: {
         "model_channels": _WIDTH, "channel_mult": _MULTIPLIERS, "num_res_blocks": _COUNT,
         "attention_levels": Bounds(0, MAX_LEVELS - 1, items=(0, MAX_LEVELS)),  # and levels of channel_mult
-        "context_dim": _WIDTH, "num_heads": _COUNT, "head_dim": _WIDTH, "transformer_depth": _COUNT,
-        "in_channels": _WIDTH, "out_channels": _WIDTH, "norm_groups": _WIDTH,
+        "context_dim": _WIDTH, "num_heads": _COUNT, "head_dim": _WIDTH,
+        "transformer_depth": Bounds(1, MAX_COUNT, items=(1, MAX_LEVELS)),  # and one, or one per level
+        "in_channels": _WIDTH, "out_channels": _WIDTH, "norm_groups": _WIDTH, "adm_in_channels": _WIDTH,
     },
     VAEConfig: {
         "base_channels": _WIDTH, "channel_mult": _MULTIPLIERS, "num_res_blocks": _COUNT, "latent_channels": _WIDTH,
@@ -186,6 +224,7 @@ FIELD_BOUNDS: dict[type, dict[str, Bounds]] = {
         "num_train_timesteps": Bounds(1, MAX_TIMESTEPS), "beta_start": _FRACTION, "beta_end": _FRACTION,
         "steps_offset": Bounds(0),  # and below num_train_timesteps
     },
+    ConditioningConfig: {"size_embed_dim": Bounds(2, MAX_WIDTH), "vector": Bounds(0, items=(0, 4))},
     Defaults: {
         "width": _WIDTH, "height": _WIDTH,  # and multiples of the VAE's downsampling
         "steps": Bounds(1),  # and at most num_train_timesteps
@@ -351,9 +390,17 @@ def _convert(hint, node: yaml.Node, where: str, path: str, lines: dict[str, str]
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], node, where, path, lines)
     if origin is tuple:
-        if not isinstance(node, yaml.SequenceNode):
+        if isinstance(node, yaml.SequenceNode):
+            items = node.value
+        elif dataclasses.is_dataclass(args[0]) and isinstance(node, yaml.MappingNode):
+            items = [node]  # one section where a list of them may stand (a model with one text encoder)
+        elif args[0] is int and isinstance(node, yaml.ScalarNode):
+            items = [node]  # one number for every entry (transformer_depth of each level)
+        else:
             raise ConfigError(f"{line}: '{path}' must be a list")
-        return tuple(_convert(args[0], item, where, path, lines) for item in node.value)
+        if not items and dataclasses.is_dataclass(args[0]):
+            raise ConfigError(f"{line}: '{path}' needs at least one entry")
+        return tuple(_convert(args[0], item, where, path, lines) for item in items)
     if not isinstance(node, yaml.ScalarNode):
         raise ConfigError(f"{line}: '{path}' must be a single value")
     try:
@@ -393,6 +440,8 @@ def _check_bounds(value, bounds: Bounds, line: str, path: str) -> None:
         if not fewest <= len(value) <= most:
             raise ConfigError(f"{line}: '{path}' must have {fewest} to {most} items, got {len(value)}")
     for number in value if isinstance(value, tuple) else (value,):
+        if isinstance(number, str):
+            continue  # a list of names: its length is all a bound says
         problem = _out_of_bounds(number, bounds)
         if problem is not None:
             raise ConfigError(f"{line}: '{path}' {problem}, got {number}")
@@ -425,7 +474,12 @@ def _check(config, path: str, at: typing.Callable[[str], str]):
 
 
 def _text_problem(cfg: TextConfig) -> tuple[str, str] | None:
-    """Heads and an MLP that fit the width, a pad id in the vocabulary, and a block before the last."""
+    """Heads and an MLP that fit the width, a pad id in the vocabulary, a block before the last, a place in
+    the file."""
+    if cfg.prefix == "":
+        return "prefix", "must not be empty"
+    if cfg.pooled and cfg.layout != "open_clip":
+        return "pooled", "is only read from the open_clip layout's text_projection"
     hidden = int(cfg.width * cfg.mlp_ratio)  # as the text encoder's MLP rounds it
     if cfg.width % cfg.heads:
         return "heads", f"must divide width {cfg.width}, got {cfg.heads}"
@@ -445,6 +499,9 @@ def _unet_problem(cfg: UNetConfig) -> tuple[str, str] | None:
     bad = [lvl for lvl in cfg.attention_levels if not 0 <= lvl < len(cfg.channel_mult)]
     if bad:
         return "attention_levels", f"has level {bad[0]} outside channel_mult"
+    if len(cfg.transformer_depth) not in (1, len(cfg.channel_mult)):
+        levels = len(cfg.channel_mult)
+        return "transformer_depth", f"must be one number or one per level ({levels}), got {len(cfg.transformer_depth)}"
     problem = unet_width_problem(cfg)
     return None if problem is None else ("", problem)
 
@@ -471,8 +528,19 @@ def _defaults_problem(cfg: Defaults) -> tuple[str, str] | None:
 
 def _model_problem(cfg: ModelConfig) -> tuple[str, str] | None:
     """The networks, schedule and defaults must fit together as the pipeline wires them."""
-    if cfg.unet.context_dim != cfg.text.width:
-        return "unet.context_dim", f"must equal text.width {cfg.text.width}, got {cfg.unet.context_dim}"
+    widths = sum(text.width for text in cfg.text)
+    if cfg.unet.context_dim != widths:
+        got = cfg.unet.context_dim
+        return "unet.context_dim", f"must equal the text encoders' widths together, {widths}, got {got}"
+    pooled = [text for text in cfg.text if text.pooled]
+    if len(pooled) > 1:
+        return "text", "has more than one encoder with pooled: true"
+    if "pooled" in cfg.conditioning.vector and not pooled:
+        return "conditioning.vector", "has 'pooled' but no text encoder has pooled: true"
+    vector = cfg.conditioning.vector_width(pooled[0].width if pooled else 0) if cfg.conditioning.vector else None
+    if cfg.unet.adm_in_channels != vector:
+        got = cfg.unet.adm_in_channels
+        return "unet.adm_in_channels", f"must be the conditioning vector's width {vector}, got {got}"
     for name in ("in_channels", "out_channels"):
         if getattr(cfg.unet, name) != cfg.vae.latent_channels:
             latent = cfg.vae.latent_channels

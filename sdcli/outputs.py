@@ -149,6 +149,7 @@ def build_metadata(
     batch_size: int,
     elapsed: float,
     threads: int,
+    vae_dtype: str | None = None,
     compiled: bool = False,
 ) -> dict[str, Any]:
     """Everything needed to re-render an image, in the order it is written."""
@@ -162,6 +163,8 @@ def build_metadata(
         "weights_sha256": weights_sha256,
         "device": device,
         "dtype": dtype,
+        # the VAE's own when it differs: fp16 overflows in most SD VAEs, which then decode in fp32
+        **({"vae_dtype": vae_dtype} if vae_dtype not in (None, dtype) else {}),
         "threads": threads,  # CPU threads: some kernels' reductions round differently per thread count
         "batch_size": batch_size,  # images that shared one U-Net call: it can change the lowest bits
         **({"compile": True} if compiled else {}),  # compiled kernels round differently from eager ones
@@ -204,8 +207,8 @@ def infotext(meta: dict[str, Any]) -> str:
         "Model hash": meta["weights_sha256"][:10],  # A1111's "AutoV2" short hash
         "Model": Path(meta["weights"]).stem,
         "RNG": "CPU",  # the noise comes from a CPU generator; A1111 assumes GPU noise without this
-        "Version": f"sdcli {meta['sdcli_version']}",
-    }
+    }  # no "Version": A1111 reads any version it cannot parse as an old one of its own and turns on its
+    # backward-compatibility options (docs/metadata.md); sdcli's own is in the sdcli chunk
     pairs = (f"{key}: {_quote(str(value))}" for key, value in settings.items() if value is not None)
     lines.append(", ".join(pairs))
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,9 +19,10 @@ from sdcli.errors import RequestError
 from sdcli.hashing import cache_dir
 from sdcli.nets.bands import decode_in_bands
 from sdcli.nets.text import Tokenizer
+from sdcli.nets.unet import timestep_embedding
 from sdcli.request import Request, check_request
 from sdcli.samplers import sample
-from sdcli.weights import Components, load_components
+from sdcli.weights import Components, load_components, vae_dtype
 
 log = logging.getLogger("sdcli")
 
@@ -84,6 +86,27 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """What the U-Net is conditioned on, per image: the cross-attention context (B, T, D) and, for U-Nets
+    with label_emb, the vector y (B, adm_in_channels). Classifier-free guidance batches every field as one
+    unit, (uncond, cond), into one U-Net call (generative-models' VanillaCFG)."""
+
+    context: torch.Tensor
+    vector: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        """Stack conditionings along the batch."""
+        vectors = [p.vector for p in parts]
+        vector = None if vectors[0] is None else torch.cat(vectors)
+        return Conditioning(torch.cat([p.context for p in parts]), vector)
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The U-Net's keyword arguments."""
+        return {"context": self.context} | ({"y": self.vector} if self.vector is not None else {})
+
+
 class Pipeline:
     """A loaded model on one device, ready to render."""
 
@@ -96,7 +119,7 @@ class Pipeline:
         self.nets = nets
         self.device = device
         self.dtype = dtype
-        self.tokenizer = Tokenizer(config.text)
+        self.tokenizers = [Tokenizer(cfg) for cfg in config.text]
         self.unet_layout, self.vae_layout = layouts(device, dtype)
         # weights in the activations' layout, so no conv reorders its weight on every call (a no-op for the
         # networks of Pipeline.load, read that way)
@@ -131,15 +154,59 @@ class Pipeline:
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
 
+    @property
+    def vae_dtype_name(self) -> str:
+        return dtype_name(vae_dtype(self.config, self.dtype))
+
     @torch.inference_mode()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Token ids -> the text context the U-Net cross-attends to, (B, 77, D)."""
-        ids, truncated = self.tokenizer(list(prompts))
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids -> the text context the U-Net cross-attends to, (B, 77, D): every encoder's context,
+        concatenated along D (SDXL: CLIP-L's 768 then bigG's 1280), and the pooled embedding (B, P) of the
+        encoder that gives one (None when none does)."""
+        contexts, pooled = [], None
+        for encoder, tokenizer in zip(self.nets.text, self.tokenizers, strict=True):
+            ids, truncated = tokenizer(list(prompts))
+            context, pool = encoder(ids.to(self.device))
+            contexts.append(context)
+            pooled = pool if pool is not None else pooled
         for prompt, cut in zip(prompts, truncated, strict=True):
             if cut:
-                keep = self.config.text.context_length - 2
+                keep = self.config.text[0].context_length - 2
                 log.warning("prompt longer than %d tokens was truncated: %.60s...", keep, prompt)
-        return self.nets.text(ids.to(self.device))
+        return torch.cat(contexts, dim=-1), pooled
+
+    def conditioning(self, prompts: Sequence[str], requests: Sequence[Request]) -> Conditioning:
+        """The conditioning of each prompt for the request at the same place (its size feeds SDXL's vector).
+        With the config's zero_empty_negative, an empty prompt conditions on zeros (text and pooled alike;
+        the sizes still count), as generative-models' force_zero_embeddings and diffusers' default do."""
+        context, pooled = self.encode_prompts(prompts)
+        if self.config.conditioning.zero_empty_negative:
+            empty = torch.tensor([not p for p in prompts], device=self.device)
+            context = torch.where(empty[:, None, None], torch.zeros_like(context), context)
+            if pooled is not None:
+                pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        if not self.config.conditioning.vector:
+            return Conditioning(context)
+        return Conditioning(context, self.vector(pooled, requests).to(context.dtype))
+
+    def vector(self, pooled: torch.Tensor | None, requests: Sequence[Request]) -> torch.Tensor:
+        """SDXL's y: the configured parts in order, each size pair as Fourier features (sgm's
+        ConcatTimestepEmbedderND; diffusers' add_time_ids through add_time_proj). Original and target size
+        are the image's own (height, width), the crop (0, 0), as diffusers and A1111 default."""
+        dim = self.config.conditioning.size_embed_dim
+        sizes = {
+            "original_size": [(r.height, r.width) for r in requests],
+            "crop_coords_top_left": [(0, 0) for _ in requests],
+            "target_size": [(r.height, r.width) for r in requests],
+        }
+        parts = []
+        for part in self.config.conditioning.vector:
+            if part == "pooled":
+                parts.append(pooled.float())
+            else:
+                numbers = torch.tensor(sizes[part], dtype=torch.float32, device=self.device)  # (B, 2)
+                parts.append(timestep_embedding(numbers.flatten(), dim).reshape(len(requests), 2 * dim))
+        return torch.cat(parts, dim=1)
 
     def initial_noise(self, requests: Sequence[Request]) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Per-image seeded CPU noise, so an image re-renders alone and on any device."""
@@ -152,19 +219,20 @@ class Pipeline:
             generators.append(g)
         return torch.cat(noise).to(self.device, self.dtype), generators
 
-    def guided_model(self, context: torch.Tensor, uncond: torch.Tensor | None, guidance: float) -> Callable:
+    def guided_model(self, cond: Conditioning, uncond: Conditioning | None, guidance: float) -> Callable:
         """The U-Net with classifier-free guidance in one batched call: (uncond, cond) in, combined out."""
         unet, layout = self.unet, self.unet_layout
         if uncond is None:
+            inputs = cond.inputs()
             return lambda x, t: unet(
-                x.contiguous(memory_format=layout), t.to(self.device, torch.float32).expand(x.shape[0]), context
+                x.contiguous(memory_format=layout), t.to(self.device, torch.float32).expand(x.shape[0]), **inputs
             )
-        both = torch.cat([uncond, context])
+        both = Conditioning.cat([uncond, cond]).inputs()
 
         def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = torch.cat([x, x]).contiguous(memory_format=layout)
             t_in = t.to(self.device, torch.float32).expand(x_in.shape[0])
-            out_uncond, out_cond = unet(x_in, t_in, both).chunk(2)
+            out_uncond, out_cond = unet(x_in, t_in, **both).chunk(2)
             return out_uncond + guidance * (out_cond - out_uncond)
 
         return model
@@ -188,11 +256,12 @@ class Pipeline:
             check_request(r, self.config)
         prompts = [r.prompt for r in requests]
         if first.guidance == 1.0:
-            context, uncond = self.encode_prompts(prompts), None
-        else:  # prompts and negatives through the text encoder in one batch
-            context, uncond = self.encode_prompts(prompts + [r.negative for r in requests]).chunk(2)
+            cond, uncond = self.conditioning(prompts, requests), None
+        else:  # prompts and negatives through the text encoders in one batch
+            both = self.conditioning(prompts + [r.negative for r in requests], [*requests, *requests])
+            cond, uncond = _split(both, len(requests))
         noise, generators = self.initial_noise(requests)
-        model = self.guided_model(context, uncond, first.guidance)
+        model = self.guided_model(cond, uncond, first.guidance)
         return sample(first.sampler, model, noise, first.steps, self.config.schedule, generators, on_step)
 
     def generate(
@@ -207,3 +276,9 @@ class Pipeline:
         finite = torch.isfinite(latents.flatten(1)).all(1).cpu() & torch.isfinite(images.flatten(1)).all(1)
         pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
         return [Image.fromarray(p) if ok else None for p, ok in zip(pixels, finite.tolist(), strict=True)]
+
+
+def _split(both: Conditioning, n: int) -> tuple[Conditioning, Conditioning]:
+    """(cond, uncond) of a conditioning made for prompts then negatives."""
+    vector = (None, None) if both.vector is None else (both.vector[:n], both.vector[n:])
+    return Conditioning(both.context[:n], vector[0]), Conditioning(both.context[n:], vector[1])

@@ -52,7 +52,8 @@ ITEM_ONLY_TYPES: dict[str, type] = {"count": int, "name": str}
 # Sidecar keys beside the recipe: where the image came from and how it ran.
 PROVENANCE_TYPES: dict[str, type] = {
     "config": str, "config_path": str, "weights": str, "weights_sha256": str, "device": str, "dtype": str,
-    "threads": int, "batch_size": int, "compile": bool, "sdcli_version": str, "elapsed": float, "created": str,
+    "vae_dtype": str, "threads": int, "batch_size": int, "compile": bool, "sdcli_version": str, "elapsed": float,
+    "created": str,
 }  # fmt: skip
 # Metadata keys (with the request's) whose equality means the same image: resume skips an equal recipe.
 RECIPE_PROVENANCE = ("config", "weights_sha256")

@@ -200,8 +200,8 @@ class _Renderer:
                     continue
                 meta = build_metadata(
                     target.request, config=pipe.config, weights=pipe.weights, weights_sha256=self.sha,
-                    device=pipe.device_name, dtype=pipe.dtype_name, threads=self.threads, batch_size=len(group),
-                    elapsed=seconds, compiled=self.run.compile,
+                    device=pipe.device_name, dtype=pipe.dtype_name, vae_dtype=pipe.vae_dtype_name, threads=self.threads,
+                    batch_size=len(group), elapsed=seconds, compiled=self.run.compile,
                 )  # fmt: skip
                 self._write(target, image, meta)
 

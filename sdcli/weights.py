@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from sdcli.checkpoint import (
-    TEXT_PREFIXES,
     UNET_PREFIX,
     VAE_PREFIX,
     check_pickle_allowed,
     describe_family,
     is_pickle,
     read_header,
+    text_prefix,
 )
 from sdcli.config import ModelConfig
 from sdcli.errors import CheckpointError
@@ -41,7 +41,8 @@ from sdcli.nets.text import TextEncoder, hf_clip_key_shapes, hf_clip_to_open_cli
 from sdcli.nets.unet import UNet
 from sdcli.nets.vae import AutoencoderKL
 
-# Present in real files, unused by the text encoder: HF's position id buffer, OpenCLIP's contrastive head.
+# Present in real files, unused by the text encoder: HF's position id buffer, OpenCLIP's contrastive head
+# (its projection is read by an encoder whose pooled embedding conditions the U-Net).
 IGNORED_TEXT_KEYS = {"embeddings.position_ids", "text_projection", "logit_scale"}
 TORCH_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
@@ -51,17 +52,20 @@ TORCH_DTYPES = {
 
 @dataclass
 class Components:
-    """The three networks of a latent diffusion model, loaded and in eval mode."""
+    """The networks of a latent diffusion model, loaded and in eval mode: one text encoder per config entry."""
 
     unet: UNet
     vae: AutoencoderKL
-    text: TextEncoder
+    text: list[TextEncoder]
+
+    def all(self) -> list[nn.Module]:
+        return [self.unet, self.vae, *self.text]
 
 
 def build_on_meta(config: ModelConfig) -> Components:
     """The networks as shapes only: no memory is allocated and nothing is initialised."""
     with torch.device("meta"):
-        return Components(UNet(config.unet), AutoencoderKL(config.vae), TextEncoder(config.text))
+        return Components(UNet(config.unet), AutoencoderKL(config.vae), [TextEncoder(t) for t in config.text])
 
 
 def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -73,9 +77,9 @@ def expected_keys(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     nets = build_on_meta(config)
     keys = {UNET_PREFIX + k: s for k, s in _shapes(nets.unet).items()}
     keys |= {VAE_PREFIX + k: s for k, s in _shapes(nets.vae).items()}
-    text_prefix = TEXT_PREFIXES[config.text.layout]
-    text_shapes = hf_clip_key_shapes(config.text) if config.text.layout == "hf_clip" else _shapes(nets.text)
-    keys |= {text_prefix + k: s for k, s in text_shapes.items()}
+    for cfg, encoder in zip(config.text, nets.text, strict=True):
+        shapes = hf_clip_key_shapes(cfg) if cfg.layout == "hf_clip" else _shapes(encoder)
+        keys |= {text_prefix(cfg) + k: s for k, s in shapes.items()}
     return keys
 
 
@@ -231,17 +235,19 @@ def _fill(module: nn.Module, reader: _Reader, prefix: str) -> None:
     module.load_state_dict(state, strict=True, assign=True)
 
 
-def _fill_text(text: TextEncoder, reader: _Reader, config: ModelConfig) -> None:
-    prefix = TEXT_PREFIXES[config.text.layout]
-    if config.text.layout == "open_clip":
+def _fill_text(text: TextEncoder, reader: _Reader, cfg) -> None:
+    """One text encoder from its prefix; HF-named weights (SD 1.x, SDXL's CLIP-L) renamed to OpenCLIP's."""
+    prefix = text_prefix(cfg)
+    ignored = IGNORED_TEXT_KEYS - set(_shapes(text))  # a pooled encoder reads its text_projection
+    if cfg.layout == "open_clip":
         shapes = _shapes(text)
-        _check_unexpected(reader, prefix, shapes, IGNORED_TEXT_KEYS)
+        _check_unexpected(reader, prefix, shapes, ignored)
         state = {name: reader.read(prefix + name, shape) for name, shape in shapes.items()}
     else:
-        shapes = hf_clip_key_shapes(config.text)
-        _check_unexpected(reader, prefix, shapes, IGNORED_TEXT_KEYS)
+        shapes = hf_clip_key_shapes(cfg)
+        _check_unexpected(reader, prefix, shapes, ignored)
         hf_state = {name: reader.read(prefix + name, shape) for name, shape in shapes.items()}
-        state = hf_clip_to_open_clip(hf_state, config.text)
+        state = hf_clip_to_open_clip(hf_state, cfg)
     text.load_state_dict(state, strict=True, assign=True)
 
 
@@ -263,13 +269,18 @@ def load_components(
                     f"not a CompVis/LDM single-file Stable Diffusion checkpoint{detail}"
                 )
             nets = build_on_meta(config)
-            # The SD VAE overflows in fp16; bf16 shares fp32's range, so only fp16 keeps the VAE in fp32.
-            vae_dtype = torch.float32 if dtype == torch.float16 else dtype
             _fill(nets.unet, _Reader(tensors, Cast(device, dtype, unet_layout)), UNET_PREFIX)
-            _fill(nets.vae, _Reader(tensors, Cast(device, vae_dtype, vae_layout)), VAE_PREFIX)
-            _fill_text(nets.text, _Reader(tensors, Cast(device, dtype)), config)
+            _fill(nets.vae, _Reader(tensors, Cast(device, vae_dtype(config, dtype), vae_layout)), VAE_PREFIX)
+            for cfg, encoder in zip(config.text, nets.text, strict=True):
+                _fill_text(encoder, _Reader(tensors, Cast(device, dtype)), cfg)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read weights: {exc.strerror or exc}") from None
-    for net in (nets.unet, nets.vae, nets.text):
+    for net in nets.all():
         net.eval().requires_grad_(False)
     return nets
+
+
+def vae_dtype(config: ModelConfig, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype: fp16 overflows in a VAE that needs upcasting (diffusers' force_upcast), so that one
+    runs in fp32; bf16 shares fp32's range."""
+    return torch.float32 if dtype == torch.float16 and config.vae.force_upcast else dtype

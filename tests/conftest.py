@@ -83,7 +83,7 @@ def tiny_model(tmp_path_factory) -> Path:
     for prefix, net in (
         (UNET_PREFIX, UNet(config.unet)),
         (VAE_PREFIX, AutoencoderKL(config.vae)),
-        (TEXT_PREFIXES[config.text.layout], TextEncoder(config.text)),
+        (TEXT_PREFIXES[config.text[0].layout], TextEncoder(config.text[0])),
     ):
         for key, tensor in net.state_dict().items():
             state[prefix + key] = _random_like(key, tensor)

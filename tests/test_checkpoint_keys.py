@@ -99,7 +99,7 @@ def test_diffusers_clip_converter_covers_the_sd15_text_keys():
     config = load_config("sd15")
     keys = reference.read_key_list(reference.KEY_LISTS["sd15"])
     with torch.device("meta"):
-        model = CLIPTextModel(CLIPTextConfig(**reference.text_encoder_config(config.text)))
+        model = CLIPTextModel(CLIPTextConfig(**reference.text_encoder_config(config.text[0])))
     converted = convert_ldm_clip_checkpoint(meta_checkpoint(keys))
     # transformers >= 5.6 flattened CLIPTextModel; diffusers strips the wrapper's prefix the same way
     converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
@@ -115,13 +115,13 @@ def test_diffusers_open_clip_converter_covers_the_sd21_text_keys():
     config = load_config("sd21-v")
     keys = reference.read_key_list(reference.KEY_LISTS["sd21-v"])
     with torch.device("meta"):
-        model = CLIPTextModel(CLIPTextConfig(**reference.text_encoder_config(config.text)))
+        model = CLIPTextModel(CLIPTextConfig(**reference.text_encoder_config(config.text[0])))
     converted = convert_open_clip_checkpoint(model, meta_checkpoint(keys))
     converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
     prefix = reference.TEXT_PREFIXES["open_clip"]
     # diffusers' own record of the real file: it skips the last block (SD 2 reads the penultimate) and
     # text_projection by name; logit_scale it never looks at; each fused in_proj becomes q, k and v
-    last = f"{prefix}transformer.resblocks.{config.text.layers - 1}."
+    last = f"{prefix}transformer.resblocks.{config.text[0].layers - 1}."
     skipped = {k for k in keys if k.startswith(last)} | {prefix + "text_projection"}
     assert set(SD_2_TEXT_ENCODER_KEYS_TO_IGNORE) == skipped
     used = [k for k in part(keys, prefix) if k not in skipped and not k.endswith("logit_scale")]
@@ -156,7 +156,7 @@ def test_random_checkpoint_holds_the_layout_in_the_asked_dtype(tiny):
             tensor = f.get_tensor(key)
             assert tuple(tensor.shape) == shape, key
             if key.endswith("position_ids"):
-                assert tensor.dtype == torch.int64 and tensor.tolist() == [list(range(config.text.context_length))]
+                assert tensor.dtype == torch.int64 and tensor.tolist() == [list(range(config.text[0].context_length))]
             elif key == reference.EMA_UPDATES:
                 assert tensor.dtype == torch.int32
             else:
@@ -193,13 +193,14 @@ def test_tiny_checkpoint_loads_into_diffusers_completely(tiny):
     pipe = reference.diffusers_pipeline(config, path, "euler")  # raises if any tensor stayed unloaded
     with safe_open(str(path), framework="pt") as f:
         file_conv_in = f.get_tensor(reference.UNET_PREFIX + "input_blocks.0.0.weight").float()
-        token_key = "embeddings.token_embedding.weight" if config.text.layout == "hf_clip" else "token_embedding.weight"
-        file_tokens = f.get_tensor(reference.TEXT_PREFIXES[config.text.layout] + token_key).float()
+        hf = config.text[0].layout == "hf_clip"
+        token_key = "embeddings.token_embedding.weight" if hf else "token_embedding.weight"
+        file_tokens = f.get_tensor(reference.TEXT_PREFIXES[config.text[0].layout] + token_key).float()
         file_q = f.get_tensor(reference.VAE_PREFIX + "decoder.mid.attn_1.q.weight").float()
     assert torch.equal(pipe.unet.conv_in.weight, file_conv_in)
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, file_tokens)
     assert torch.equal(pipe.vae.decoder.mid_block.attentions[0].to_q.weight, file_q[:, :, 0, 0])
-    layers = config.text.layers - (config.text.output_layer == "penultimate")
+    layers = config.text[0].layers - (config.text[0].output_layer == "penultimate")
     assert pipe.text_encoder.config.num_hidden_layers == layers
     assert pipe.scheduler.config.prediction_type == config.schedule.prediction_type
 
@@ -230,7 +231,7 @@ def test_tiny_diffusers_render_is_a_deterministic_uint8_image(tiny):
 def hf_tokenizer(family: str, folder):
     from transformers import CLIPTokenizer
 
-    cfg = reference.tiny_config(family).text
+    cfg = reference.tiny_config(family).text[0]
     reference.write_tokenizer(cfg, folder)
     return cfg, CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 

@@ -23,8 +23,9 @@ def test_bundled_configs_load(name):
 def test_bundled_sd_facts():
     """The numbers DESIGN.md states for each family."""
     sd15, sd21 = load_config("sd15"), load_config("sd21-v")
-    assert (sd15.text.width, sd15.text.layers, sd15.text.pad_id, sd15.text.output_layer) == (768, 12, 49407, "last")
-    assert (sd21.text.width, sd21.text.layers, sd21.text.pad_id, sd21.text.output_layer) == (1024, 24, 0, "penultimate")
+    (t15,), (t21,) = sd15.text, sd21.text
+    assert (t15.width, t15.layers, t15.pad_id, t15.output_layer) == (768, 12, 49407, "last")
+    assert (t21.width, t21.layers, t21.pad_id, t21.output_layer) == (1024, 24, 0, "penultimate")
     assert [sd15.unet.heads_at(320 * m) for m in (1, 2, 4)] == [8, 8, 8]
     assert [sd21.unet.heads_at(320 * m) for m in (1, 2, 4)] == [5, 10, 20]
     assert sd21.schedule.prediction_type == "v_prediction"

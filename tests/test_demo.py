@@ -53,7 +53,7 @@ def test_captions_name_what_they_say_and_fit_the_context():
     rng = random.Random(2)
     captions = {random_caption(scene, rng) for _ in range(200)}
     assert "a blue triangle" in captions and "a blue shape" in captions
-    _, truncated = Tokenizer(load_config(str(DEMO_YAML)).text)([scene.caption()])
+    _, truncated = Tokenizer(load_config(str(DEMO_YAML)).text[0])([scene.caption()])
     assert truncated == [False]
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdcli.pipeline import Pipeline
+from sdcli.pipeline import Conditioning, Pipeline
 from sdcli.request import Request
 
 from reference import psnr, tiny_config, write_random_checkpoint
@@ -33,7 +33,7 @@ def test_guided_call_in_channels_last_equals_the_plain_unet(pipe):
     cond, uncond = torch.randn(2, 77, pipe.config.unet.context_dim).chunk(2)
     t = torch.tensor(500.0)
     with torch.inference_mode():
-        got = pipe.guided_model(cond, uncond, 7.5)(x, t)
+        got = pipe.guided_model(Conditioning(cond), Conditioning(uncond), 7.5)(x, t)
         out_uncond, out_cond = pipe.nets.unet(torch.cat([x, x]), t.expand(2), torch.cat([uncond, cond])).chunk(2)
     expected = out_uncond + 7.5 * (out_cond - out_uncond)
     assert relative_error(got, expected) <= 1e-5
@@ -54,8 +54,8 @@ def test_decode_in_several_bands_equals_the_whole_decode(pipe):
 def test_prompt_and_negative_encoded_together_equal_apart(pipe):
     """One text-encoder batch for both halves of classifier-free guidance changes nothing."""
     prompts = ["a red cube on a table", "blurry"]
-    together = pipe.encode_prompts(prompts)
-    apart = torch.cat([pipe.encode_prompts(prompts[:1]), pipe.encode_prompts(prompts[1:])])
+    together, _ = pipe.encode_prompts(prompts)
+    apart = torch.cat([pipe.encode_prompts(prompts[:1])[0], pipe.encode_prompts(prompts[1:])[0]])
     assert relative_error(together, apart) <= 1e-5
 
 
@@ -80,6 +80,7 @@ def test_compiled_unet_equals_eager(checkpoint, pipe, tmp_path, monkeypatch):
     x = torch.randn(1, 4, 16, 16)
     cond, uncond = torch.randn(2, 77, pipe.config.unet.context_dim).chunk(2)
     with torch.inference_mode():
+        cond, uncond = Conditioning(cond), Conditioning(uncond)
         got = compiled.guided_model(cond, uncond, 7.5)(x, torch.tensor(999.0))
         expected = pipe.guided_model(cond, uncond, 7.5)(x, torch.tensor(999.0))
     assert relative_error(got, expected) <= 1e-4

@@ -77,7 +77,7 @@ def test_matches_transformers_clip(cfg):
             expected = out.last_hidden_state
         else:
             expected = reference.final_layer_norm(out.hidden_states[-2])
-        ours = model(ids)
+        ours, _ = model(ids)
     assert ours.shape == (len(ids), cfg.context_length, cfg.width)
     assert close(ours, expected)
 
@@ -88,7 +88,7 @@ def test_penultimate_differs_from_last():
     ids = prompt_ids(SD2, seed=4)
     with torch.no_grad():
         last = reference(ids).last_hidden_state
-        ours = encoder_from(hf_clip_to_open_clip(reference.state_dict(), SD2), SD2)(ids)
+        ours = encoder_from(hf_clip_to_open_clip(reference.state_dict(), SD2), SD2)(ids)[0]
     assert not close(ours, last)
 
 
@@ -157,7 +157,7 @@ def test_open_clip_layout_round_trip(cfg):
                 ids, indices=[cfg.layers - 2], normalize_intermediates=True, output_fmt="NLC"
             )
             expected = out["text_intermediates"][0]
-        ours = model(ids)
+        ours, _ = model(ids)
     assert close(ours, expected)
     assert set(dict(model.named_parameters())) | {"text_projection"} == set(state)
 
@@ -167,3 +167,45 @@ def test_meta_construction_holds_no_buffers():
         model = TextEncoder(SD2)
     assert list(model.buffers()) == []
     assert len(model.transformer.resblocks) == SD2.layers  # the unused last block is still a parameter
+
+
+# SDXL's two encoders: CLIP-L's and bigG's penultimate hidden states without final_layer_norm, and bigG's
+# pooled embedding (diffusers' CLIPTextModelWithProjection text_embeds: the last layer, final_layer_norm,
+# the first end token, text_projection).
+XL_L = TextConfig(layout="hf_clip", activation="quick_gelu", output_layer="penultimate", pad_id=49407,
+                  final_norm=False, **TINY)  # fmt: skip
+XL_G = TextConfig(layout="open_clip", activation="gelu", output_layer="penultimate", pad_id=0, final_norm=False,
+                  pooled=True, **TINY)  # fmt: skip
+
+
+def test_sdxl_clip_l_context_is_the_raw_penultimate_state():
+    reference = hf_model(XL_L, seed=20)
+    model = encoder_from(hf_clip_to_open_clip(reference.state_dict(), XL_L), XL_L)
+    ids = prompt_ids(XL_L, seed=21)
+    with torch.no_grad():
+        expected = reference(ids, output_hidden_states=True).hidden_states[-2]
+        ours, pooled = model(ids)
+    assert pooled is None and close(ours, expected)
+    assert not close(ours, reference.final_layer_norm(expected))  # the norm really is left out
+
+
+def test_sdxl_bigg_context_and_pooled_equal_transformers_with_projection():
+    from transformers import CLIPTextModelWithProjection
+
+    hf = hf_model(XL_G, seed=22)
+    hf.config.projection_dim = XL_G.width  # bigG projects 1280 -> 1280
+    reference = CLIPTextModelWithProjection(hf.config)
+    reference.text_model.load_state_dict(hf.state_dict())
+    torch.manual_seed(23)
+    projection = torch.randn(XL_G.width, XL_G.width) / XL_G.width**0.5  # open_clip's x @ P
+    with torch.no_grad():
+        reference.text_projection.weight.copy_(projection.T)  # HF's Linear: x @ W.T
+    state = hf_clip_to_open_clip(hf.state_dict(), XL_G) | {"text_projection": projection}
+    with torch.device("meta"):
+        model = TextEncoder(XL_G)
+    model.load_state_dict(state, strict=True, assign=True)
+    ids = prompt_ids(XL_G, seed=24)
+    with torch.no_grad():
+        out = reference.eval()(ids, output_hidden_states=True)
+        ours, pooled = model.eval()(ids)
+    assert close(ours, out.hidden_states[-2]) and close(pooled, out.text_embeds)

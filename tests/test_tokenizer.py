@@ -12,8 +12,8 @@ from transformers import CLIPTokenizer
 from sdcli.config import TextConfig, load_config
 from sdcli.nets.text import Tokenizer
 
-SD1 = load_config("sd15").text
-SD2 = load_config("sd21-v").text
+SD1 = load_config("sd15").text[0]
+SD2 = load_config("sd21-v").text[0]
 START, END = 49406, 49407
 
 PROMPTS = [

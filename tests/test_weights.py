@@ -43,7 +43,7 @@ def test_fp16_file_loads_into_fp32_exactly(sd1):
     key = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     assert nets.unet.state_dict()[key].dtype == torch.float32
     assert torch.equal(nets.unet.state_dict()[key], stored[UNET_PREFIX + key].float())
-    for net in (nets.unet, nets.vae, nets.text):
+    for net in nets.all():
         assert not any(t.is_meta for t in net.state_dict().values())
         assert not any(p.requires_grad for p in net.parameters())
 
@@ -61,7 +61,7 @@ from reference import tiny_config
 from sdcli.weights import load_components
 nets = load_components(tiny_config("sd1"), {str(path)!r}, torch.device("cpu"), torch.float32)
 os.truncate({str(path)!r}, 0)
-total = sum(float(t.double().sum()) for net in (nets.unet, nets.vae, nets.text) for t in net.state_dict().values())
+total = sum(float(t.double().sum()) for net in nets.all() for t in net.state_dict().values())
 print(repr(float(nets.unet.state_dict()["out.2.weight"].double().sum())))
 """
     ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

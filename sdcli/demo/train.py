@@ -223,7 +223,8 @@ def train_denoiser(cfg: ModelConfig, vae: AutoencoderKL, args: argparse.Namespac
         write_scale_factor(cfg.source, scale)
         print(f"wrote scale_factor {scale} into {cfg.source}", file=sys.stderr, flush=True)
 
-    unet, text, tokenizer = UNet(cfg.unet), TextEncoder(cfg.text), Tokenizer(cfg.text)
+    (text_cfg,) = cfg.text  # the demo model has one text encoder
+    unet, text, tokenizer = UNet(cfg.unet), TextEncoder(text_cfg), Tokenizer(text_cfg)
     init_weights(unet, text)
     params = [*unet.parameters(), *text.parameters()]
     ema = [p.detach().clone() for p in params]
@@ -241,7 +242,7 @@ def train_denoiser(cfg: ModelConfig, vae: AutoencoderKL, args: argparse.Namespac
         eps = torch.randn(z0.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        loss = (unet(zt, t.float(), text(ids)) - eps).square().mean()
+        loss = (unet(zt, t.float(), text(ids)[0]) - eps).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -259,7 +260,7 @@ def save_ema(unet: UNet, text: TextEncoder, vae: AutoencoderKL, ema, params, cfg
     live = [p.detach().clone() for p in params]
     with torch.no_grad():
         torch._foreach_copy_([p.data for p in params], ema)
-        state = weights_file(unet, vae, text, cfg.text.layout)
+        state = weights_file(unet, vae, text, cfg.text[0].layout)
         torch._foreach_copy_([p.data for p in params], live)
     save_atomic(state, Path(args.out), {"producer": "sdcli.demo.train", "step": str(step), "seed": str(args.seed)})
     size = Path(args.out).stat().st_size / 2**20

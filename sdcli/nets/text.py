@@ -69,7 +69,9 @@ class Transformer(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token ids -> per-token context for cross-attention: the configured block's output after ln_final.
+    """Token ids -> per-token context for cross-attention (the configured block's output, after ln_final
+    unless the config says otherwise) and, for an encoder with `pooled`, the pooled embedding: the last
+    block's output after ln_final at the first end token, times text_projection (SDXL's bigG).
 
     OpenCLIP's text tower rebuilt from torch modules: importing open_clip itself costs seconds (it pulls in
     torchvision and transformers), which a cold start should not pay."""
@@ -82,17 +84,32 @@ class TextEncoder(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg)
         self.ln_final = nn.LayerNorm(cfg.width)
-        # SD 2.x stops one block early; the skipped block stays a parameter so strict loads still work
+        if cfg.pooled:
+            self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.width))  # used as x @ text_projection
+        self.final_norm = cfg.final_norm
+        # the context's block; a later one stays a parameter so strict loads work, and runs only for pooling
         self.depth = cfg.layers - 1 if cfg.output_layer == "penultimate" else cfg.layers
+        self.blocks_run = cfg.layers if cfg.pooled else self.depth
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(context (B, L, width), pooled (B, width) or None)."""
         length = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:length]  # (B, L, width)
         # additive causal mask, built here so a meta-device construction holds no stale buffer
         causal = torch.full((length, length), float("-inf"), dtype=x.dtype, device=x.device).triu_(1)
-        for block in self.transformer.resblocks[: self.depth]:
+        context = x
+        for i, block in enumerate(self.transformer.resblocks[: self.blocks_run]):
             x = block(x, causal)
-        return self.ln_final(x)
+            if i + 1 == self.depth:
+                context = x
+        if self.final_norm:
+            context = self.ln_final(context)
+        if not hasattr(self, "text_projection"):
+            return context, None
+        # the end token has the largest id, so argmax finds the first one (padding is lower or equal)
+        end = ids.argmax(dim=-1)
+        pooled = self.ln_final(x)[torch.arange(ids.shape[0], device=ids.device), end] @ self.text_projection
+        return context, pooled
 
 
 # OpenCLIP name <- HuggingFace CLIPTextModel name, for the SD 1.x text weights.

@@ -113,7 +113,7 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """Transformer blocks over the pixels of a feature map, as a residual (the LDM's cross-attention)."""
 
-    def __init__(self, channels: int, cfg: UNetConfig):
+    def __init__(self, channels: int, cfg: UNetConfig, depth: int):
         super().__init__()
         heads = cfg.heads_at(channels)
         self.linear_proj = cfg.linear_proj
@@ -121,7 +121,7 @@ class SpatialTransformer(nn.Module):
         # SD 1.x projects with 1x1 convs before flattening, SD 2.x with linears after
         self.proj_in = nn.Linear(channels, channels) if cfg.linear_proj else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(channels, cfg.context_dim, heads) for _ in range(cfg.transformer_depth)
+            TransformerBlock(channels, cfg.context_dim, heads) for _ in range(depth)
         )
         self.proj_out = nn.Linear(channels, channels) if cfg.linear_proj else nn.Conv2d(channels, channels, 1)
 
@@ -184,7 +184,8 @@ def _check(cfg: UNetConfig) -> None:
 
 
 class UNet(nn.Module):
-    """The noise (or v) predictor: (B,C,h,w) latents, (B,) timesteps, (B,T,D) text -> (B,C_out,h,w)."""
+    """The noise (or v) predictor: (B,C,h,w) latents, (B,) timesteps, (B,T,D) text context and, for a config
+    with adm_in_channels, a (B, adm_in_channels) vector y (SDXL's pooled text and sizes) -> (B,C_out,h,w)."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -194,6 +195,11 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(cfg.model_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
         )
+        if cfg.adm_in_channels is not None:  # generative-models' num_classes "sequential": label_emb.0.{0,2}
+            embed = nn.Sequential(
+                nn.Linear(cfg.adm_in_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+            )
+            self.label_emb = nn.Sequential(embed)
 
         def res(channels: int, out_channels: int) -> ResBlock:
             return ResBlock(channels, out_channels, emb_channels, cfg.norm_groups)
@@ -206,14 +212,15 @@ class UNet(nn.Module):
                 layers = [res(ch, mult * cfg.model_channels)]
                 ch = mult * cfg.model_channels
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(ch, cfg))
+                    layers.append(SpatialTransformer(ch, cfg, cfg.depth_at(level)))
                 self.input_blocks.append(Stage(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(Stage(Downsample(ch)))
                 skip_channels.append(ch)
 
-        self.middle_block = Stage(res(ch, ch), SpatialTransformer(ch, cfg), res(ch, ch))
+        middle = SpatialTransformer(ch, cfg, cfg.depth_at(len(cfg.channel_mult) - 1))
+        self.middle_block = Stage(res(ch, ch), middle, res(ch, ch))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -221,7 +228,7 @@ class UNet(nn.Module):
                 layers = [res(ch + skip_channels.pop(), mult * cfg.model_channels)]
                 ch = mult * cfg.model_channels
                 if level in cfg.attention_levels:
-                    layers.append(SpatialTransformer(ch, cfg))
+                    layers.append(SpatialTransformer(ch, cfg, cfg.depth_at(level)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Stage(*layers))
@@ -232,10 +239,15 @@ class UNet(nn.Module):
             nn.Conv2d(ch, cfg.out_channels, 3, padding=1),
         )
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Predict from latents `x` at `timesteps` (one per sample, or one for all) given text `context`."""
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict from latents `x` at `timesteps` (one per sample, or one for all) given text `context` (and
+        the vector `y` when the U-Net has label_emb)."""
         t = timesteps.reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
+        if hasattr(self, "label_emb"):
+            emb = emb + self.label_emb(y.to(x.dtype))
         skips = []
         h = x
         for stage in self.input_blocks:

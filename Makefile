@@ -27,9 +27,13 @@ lint:
 	if $(PY) -m ruff --version >/dev/null 2>&1; then $(PY) -m ruff check sdcli tests bench; else $(PY) -m compileall -q sdcli tests; fi
 
 # sdcli against diffusers side by side (docs/performance.md); bench-smoke checks the benchmark on a tiny model
-.PHONY: bench bench-smoke
+# (BENCH_ARGS="--model sdxl" for SDXL's tiny model); bench-sdxl is the SDXL rows (about 20 minutes, 20 GiB free)
+.PHONY: bench bench-smoke bench-sdxl
 bench: $(TEST_STAMP)
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+bench-sdxl: $(TEST_STAMP)
+	$(PY) bench/bench.py --model sdxl $(BENCH_ARGS)
 
 bench-smoke: $(TEST_STAMP)
 	$(PY) bench/bench.py --smoke $(BENCH_ARGS)

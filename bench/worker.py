@@ -1,8 +1,10 @@
 """One benchmark measurement in a fresh process; prints one `BENCH {json}` line on stdout.
 
-    python bench/worker.py TASK TOOL --config sd15|tiny --checkpoint FILE [--folder DIR] [options]
+    python bench/worker.py TASK TOOL --config sd15|sdxl|tiny|tiny-sdxl --checkpoint FILE [--folder DIR] [options]
 
-TASK is load, unet, vae, image or peak; TOOL is sdcli or diffusers (peak ignores it). Timings are wall
+TASK is load, unet, vae, image or peak; TOOL is sdcli or diffusers (peak ignores it). An SDXL config (one
+whose U-Net takes the vector y) runs diffusers' StableDiffusionXLPipeline instead of StableDiffusionPipeline,
+its U-Net called with added_cond_kwargs (text_embeds, time_ids) where sdcli's takes y. Timings are wall
 seconds from time.perf_counter; a phase's peak RSS is the kernel's high-water mark (VmHWM), reset just
 before the phase through /proc/self/clear_refs, so it covers the resident model plus that phase's work.
 """
@@ -50,15 +52,41 @@ def phase_peak_gib() -> float:
     return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 2**20
 
 
+TINY = {"tiny": "sd1", "tiny-sdxl": "sdxl"}  # the tiny configs of tests/reference.py, by worker name
+
+
 def model_config(name: str):
-    if name == "tiny":
+    if name in TINY:
         sys.path.insert(0, str(ROOT / "tests"))
         from reference import tiny_config
 
-        return tiny_config("sd1", "epsilon")
+        return tiny_config(TINY[name], "epsilon")
     from sdcli.config import load_config
 
     return load_config(name)
+
+
+def is_xl(config) -> bool:
+    """An SDXL-like model: its U-Net takes the vector y (pooled text and the size pairs) besides the context."""
+    return config.unet.adm_in_channels is not None
+
+
+def unet_tensors(config, latent: tuple[int, int]) -> dict:
+    """The inputs of one CFG U-Net call, the same numbers for both tools: latents x (1, C, h, w), the
+    (uncond, cond) context (2, 77, D) and, for SDXL, the pooled text (2, P) and the image size the vector
+    embeds (original and target size the image's own, crop (0, 0), as both pipelines default)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, config.unet.in_channels, *latent, generator=g)
+    context = torch.randn(2, config.text[0].context_length, config.unet.context_dim, generator=g)
+    out = {"x": x, "context": context}
+    if is_xl(config):
+        pairs = len(config.conditioning.vector) - 1  # every part but "pooled" is a size pair
+        width = config.unet.adm_in_channels - pairs * 2 * config.conditioning.size_embed_dim
+        out["pooled"] = torch.randn(2, width, generator=g)
+        out["size"] = (latent[0] * config.vae.downsample, latent[1] * config.vae.downsample)  # (height, width)
+    return out
 
 
 class Sdcli:
@@ -76,13 +104,22 @@ class Sdcli:
         return self.pipe.dtype
 
     def unet_inputs(self, latent: tuple[int, int]):
-        import torch
+        from sdcli.pipeline import Conditioning
+        from sdcli.request import Request
 
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, self.config.unet.in_channels, *latent, generator=g).to(self.dtype)
-        context = torch.randn(2, self.config.text[0].context_length, self.config.unet.context_dim, generator=g)
-        cond, uncond = context.to(self.dtype).chunk(2)
-        return self.pipe.guided_model(cond, uncond, GUIDANCE), x
+        inputs = unet_tensors(self.config, latent)
+        x, context = inputs["x"].to(self.dtype), inputs["context"].to(self.dtype)
+        vector = None
+        if "pooled" in inputs:  # SDXL's y, built as Pipeline.conditioning builds it for these sizes
+            height, width = inputs["size"]
+            request = Request(PROMPT, NEGATIVE, SEED, 1, GUIDANCE, SAMPLER, width, height)
+            vector = self.pipe.vector(inputs["pooled"], [request, request]).to(self.dtype)
+
+        def half(i: int) -> Conditioning:
+            return Conditioning(context[i : i + 1], None if vector is None else vector[i : i + 1])
+
+        # the batch (uncond, cond) in the order diffusers gets it
+        return self.pipe.guided_model(half(1), half(0), GUIDANCE), x
 
     def unet_call(self, model, x):
         import torch
@@ -97,25 +134,42 @@ class Sdcli:
 
 
 class Diffusers:
-    """diffusers' StableDiffusionPipeline from the same single file, offline, as its documentation uses it."""
+    """diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) from the same single file,
+    offline, as its documentation uses it."""
 
-    def __init__(self, config, checkpoint: Path, dtype: str, folder: Path):
+    def __init__(self, config, checkpoint: Path, dtype: str, folder: Path, original_config: bool = True):
         import torch
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.set_verbosity_error()  # the LDM yaml's deprecation notes are expected
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "auto": torch.float32}[dtype]
-        self.pipe = StableDiffusionPipeline.from_single_file(
-            str(checkpoint),
-            config=str(folder),
-            original_config=str(folder / "original.yaml"),
-            local_files_only=True,
-            torch_dtype=torch_dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        # the yaml, unless diffusers cannot map it (a tiny SDXL's U-Net, see tests/reference.xl_unet_config),
+        # when the folder's U-Net config says the model
+        original = {"original_config": str(folder / "original.yaml")} if original_config else {}
+        if is_xl(config):
+            from diffusers import StableDiffusionXLPipeline
+
+            self.pipe = StableDiffusionXLPipeline.from_single_file(
+                str(checkpoint),
+                config=str(folder),
+                local_files_only=True,
+                torch_dtype=torch_dtype,
+                add_watermarker=False,
+                **original,
+            )
+        else:
+            from diffusers import StableDiffusionPipeline
+
+            self.pipe = StableDiffusionPipeline.from_single_file(
+                str(checkpoint),
+                config=str(folder),
+                local_files_only=True,
+                torch_dtype=torch_dtype,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                **original,
+            )
         self.pipe.set_progress_bar_config(disable=True)
         self.config = config
 
@@ -126,15 +180,18 @@ class Diffusers:
     def unet_inputs(self, latent: tuple[int, int]):
         import torch
 
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, self.config.unet.in_channels, *latent, generator=g).to(self.dtype)
-        context = torch.randn(2, self.config.text[0].context_length, self.config.unet.context_dim, generator=g)
-        context = context.to(self.dtype)
+        inputs = unet_tensors(self.config, latent)
+        x, context = inputs["x"].to(self.dtype), inputs["context"].to(self.dtype)
+        added = {}
+        if "pooled" in inputs:  # StableDiffusionXLPipeline's added_cond_kwargs, in the prompt embeds' dtype
+            height, width = inputs["size"]
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]] * 2, dtype=self.dtype)
+            added = {"added_cond_kwargs": {"text_embeds": inputs["pooled"].to(self.dtype), "time_ids": time_ids}}
         unet = self.pipe.unet
 
         def model(x, t):
-            # the per-step work of StableDiffusionPipeline.__call__ with classifier-free guidance
-            noise = unet(torch.cat([x] * 2), t, encoder_hidden_states=context, return_dict=False)[0]
+            # the per-step work of StableDiffusion(XL)Pipeline.__call__ with classifier-free guidance
+            noise = unet(torch.cat([x] * 2), t, encoder_hidden_states=context, return_dict=False, **added)[0]
             uncond, cond = noise.chunk(2)
             return uncond + GUIDANCE * (cond - uncond)
 
@@ -148,17 +205,18 @@ class Diffusers:
 
     def render(self, size: int, steps: int):
         sys.path.insert(0, str(ROOT / "tests"))
-        from reference import diffusers_render, diffusers_scheduler
+        from reference import diffusers_render, diffusers_scheduler, diffusers_xl_render
 
         self.pipe.scheduler = diffusers_scheduler(self.config, SAMPLER)
-        return diffusers_render(self.pipe, PROMPT, NEGATIVE, SEED, steps, GUIDANCE, size, size)
+        render = diffusers_xl_render if is_xl(self.config) else diffusers_render
+        return render(self.pipe, PROMPT, NEGATIVE, SEED, steps, GUIDANCE, size, size)
 
 
 def load_tool(args):
     config = model_config(args.config)
     if args.tool == "sdcli":
         return Sdcli(config, args.checkpoint, args.dtype, args.compile)
-    return Diffusers(config, args.checkpoint, args.dtype, args.folder)
+    return Diffusers(config, args.checkpoint, args.dtype, args.folder, not args.folder_unet)
 
 
 def timed(fn, repeats: int, warmup: int) -> dict:
@@ -256,15 +314,20 @@ def task_image(args) -> dict:
 
 
 def task_peak(args) -> dict:
-    """FLOP/s of a large square matmul, best of `repeats`, in fp32 and bf16."""
+    """FLOP/s of a large square matmul, best of `repeats`, in fp32 and bf16. The side is `size`, or less where
+    one product would take over 2 s (bf16 on a CPU without bf16 instructions runs near 1 GFLOP/s): a 512
+    product first gauges the speed."""
     import torch
 
-    n = args.size
-    result = {}
+    result, sides = {}, {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        probe = torch.randn(512, 512).to(dtype)
+        rate = 2 * 512**3 / timed(lambda a=probe: torch.mm(a, a), 1, 1)["best"]
+        n = max(512, min(args.size, int((rate * 2.0 / 2) ** (1 / 3)) // 256 * 256))
         a = torch.randn(n, n).to(dtype)
         result[name] = 2 * n**3 / timed(lambda a=a: torch.mm(a, a), args.repeats, 1)["best"]
-    return result
+        sides[name] = n
+    return {**result, "sides": sides}
 
 
 TASKS = {"load": task_load, "unet": task_unet, "vae": task_vae, "image": task_image, "peak": task_peak}
@@ -283,6 +346,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="sdcli: Pipeline.load(compile=True)")
+    parser.add_argument(
+        "--folder-unet", action="store_true", help="diffusers: U-Net config from --folder, not the yaml (tiny SDXL)"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for this process")
     args = parser.parse_args()
     if args.threads:

@@ -18,7 +18,14 @@ from torch import Tensor
 from sdcli.config import ScheduleConfig
 from sdcli.errors import RequestError
 from sdcli.sampler_registry import SAMPLER_SPECS
-from sdcli.schedules import dpm_sigmas, leading_alpha_bars, linspace_sigmas
+from sdcli.schedules import (
+    AlphaBarStep,
+    ddim_alpha_bars,
+    discrete_init_sigma,
+    discrete_sigmas,
+    dpm_sigmas,
+    plms_alpha_bars,
+)
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_in, t) -> raw eps or v
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, sigma, t) -> x0, in VE coordinates
@@ -102,11 +109,12 @@ def lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
     return half * (basis(mid - node) + basis(mid + node))
 
 
-def sample_ddim(model: Model, x: Tensor, timesteps: Tensor, alpha_bars: list[Tensor], prediction: str,
+def sample_ddim(model: Model, x: Tensor, timesteps: Tensor, alpha_bars: list[AlphaBarStep], prediction: str,
                 clip: bool = False) -> Tensor:
-    """DDIM with eta = 0 (Song et al. 2021, eq. 12): predict x0 and eps, then re-noise x0 to the next alpha-bar."""
+    """DDIM with eta = 0 (Song et al. 2021, eq. 12): predict x0 and eps at step i's first alpha-bar, then re-noise
+    x0 to its second (see ddim_alpha_bars: the next timestep's only under "leading" spacing)."""
     for i, t in enumerate(timesteps):
-        alpha_bar, alpha_bar_next = alpha_bars[i], alpha_bars[i + 1]
+        alpha_bar, alpha_bar_next = alpha_bars[i]
         denoised, eps = vp_predictions(model(x, t), x, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, prediction)
         if clip:
             denoised = denoised.clamp(-1, 1)
@@ -114,16 +122,19 @@ def sample_ddim(model: Model, x: Tensor, timesteps: Tensor, alpha_bars: list[Ten
     return x
 
 
-def sample_plms(model: Model, x: Tensor, timesteps: Tensor, alpha_bars: list[Tensor], prediction: str) -> Tensor:
+def sample_plms(model: Model, x: Tensor, timesteps: Tensor, alpha_bars: list[AlphaBarStep], prediction: str,
+                correction: AlphaBarStep | None = None) -> Tensor:
     """PLMS (Liu et al. 2022) as diffusers' PNDM with skip_prk_steps: a pseudo improved Euler first step, then
-    Adams-Bashforth over past network outputs, each step moved by the PNDM transfer, eq. (9).
+    Adams-Bashforth over past network outputs, each step moved by the PNDM transfer, eq. (9), between its two
+    alpha-bars; the first step's correction restarts from the first x and moves by `correction` (plms_alpha_bars;
+    the first step's own alpha-bars where None).
 
     diffusers combines the raw outputs and converts the combination to eps at the current x, also for v-prediction;
     so do we, to stay equal.
     """
 
-    def transfer(x: Tensor, i: int, out: Tensor) -> Tensor:
-        alpha_bar, alpha_bar_next = alpha_bars[i], alpha_bars[i + 1]
+    def transfer(x: Tensor, step: AlphaBarStep, out: Tensor) -> Tensor:
+        alpha_bar, alpha_bar_next = step
         _, eps = vp_predictions(out, x, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, prediction)
         denom = alpha_bar * (1 - alpha_bar_next) ** 0.5 + (alpha_bar * (1 - alpha_bar) * alpha_bar_next) ** 0.5
         return (alpha_bar_next / alpha_bar) ** 0.5 * x - (alpha_bar_next - alpha_bar) * eps / denom
@@ -133,12 +144,12 @@ def sample_plms(model: Model, x: Tensor, timesteps: Tensor, alpha_bars: list[Ten
         out = model(x, t)
         if i == 0 and len(timesteps) > 1:
             # the output at the Euler end point only corrects this step; it never joins the history
-            out_end = model(transfer(x, 0, out), timesteps[1])
+            out_end = model(transfer(x, alpha_bars[0], out), timesteps[1])
             history.append(out)
-            x = transfer(x, 0, (out_end + out) / 2)
+            x = transfer(x, alpha_bars[0] if correction is None else correction, (out_end + out) / 2)
         else:
             history = history[-3:] + [out]
-            x = transfer(x, i, adams_bashforth(history))
+            x = transfer(x, alpha_bars[i], adams_bashforth(history))
     return x
 
 
@@ -227,13 +238,13 @@ def _reporting(model: Model, device: torch.device, total: int, on_step: Callable
 
 
 def run_ddim(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
-    timesteps, alpha_bars = leading_alpha_bars(steps, schedule)
+    timesteps, alpha_bars = ddim_alpha_bars(steps, schedule)
     return sample_ddim(model, noise, timesteps, alpha_bars, schedule.prediction_type, schedule.clip_sample)
 
 
 def run_pndm(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
-    timesteps, alpha_bars = leading_alpha_bars(steps, schedule)
-    return sample_plms(model, noise, timesteps, alpha_bars, schedule.prediction_type)
+    timesteps, alpha_bars, correction = plms_alpha_bars(steps, schedule)
+    return sample_plms(model, noise, timesteps, alpha_bars, schedule.prediction_type, correction)
 
 
 def _run_dpm(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, karras: bool) -> Tensor:
@@ -250,10 +261,10 @@ def run_dpmpp_2m_karras(model: Model, noise: Tensor, steps: int, schedule: Sched
 
 
 def _ve_start(noise: Tensor, steps: int, schedule: ScheduleConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Timesteps, sigmas and the starting x of the "linspace" VE samplers: noise at the largest sigma, which is
-    diffusers' init_noise_sigma for that spacing."""
-    timesteps, sigmas = linspace_sigmas(steps, schedule)
-    return timesteps, sigmas, noise * sigmas[0]
+    """Timesteps, sigmas and the starting x of the VE samplers: noise times diffusers' init_noise_sigma, the
+    largest sigma for "linspace"/"trailing" spacing, sqrt(sigma_max² + 1) for "leading"."""
+    timesteps, sigmas = discrete_sigmas(steps, schedule)
+    return timesteps, sigmas, noise * discrete_init_sigma(sigmas, schedule)
 
 
 def run_euler(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:

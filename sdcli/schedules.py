@@ -1,9 +1,12 @@
 """Noise schedules as plain functions: the training tables, then each diffusers scheduler's timesteps and sigmas.
 
-Every sampler walks a list one longer than its timesteps, ending where the last step lands: sigmas end in 0,
-alpha-bars in the alpha-bar one spacing below the last timestep (alpha-bar_0, or 1, once that falls below t=0).
-Tables are float32 CPU tensors, computed in the dtypes diffusers uses (betas in float32 torch, timestep spacing
-and interpolation in float64 then rounded to float32), which decides agreement at the 1e-7 level.
+Timesteps follow the schedule's `timestep_spacing` (Lin et al. 2023, Table 2) the way each diffusers scheduler's
+set_timesteps spaces them; where it is None, that scheduler's own default: "leading" for DDIM and PNDM, "linspace"
+for the others. Euler, Euler ancestral, Heun, LMS and DPM-Solver++ walk a sigma list one longer than their
+timesteps, ending in 0. DDIM and PNDM step from alpha-bar(t) to alpha-bar(t - N//steps) (alpha-bar_0, or 1, once
+that falls below t=0), which is the next timestep's alpha-bar only under "leading" spacing. Tables are float32 CPU
+tensors, computed in the dtypes diffusers uses (betas in float32 torch, timestep spacing and interpolation in
+float64 then rounded to float32), which decides agreement at the 1e-7 level.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from torch import Tensor
 
 from sdcli.config import ScheduleConfig
 from sdcli.errors import RequestError
+
+AlphaBarStep = tuple[Tensor, Tensor]  # the alpha-bar a DDIM/PNDM step starts from, and the one it ends at
 
 
 def alphas_cumprod(schedule: ScheduleConfig) -> Tensor:
@@ -41,21 +46,85 @@ def _linspace(stop: float, num: int) -> Tensor:
     return points
 
 
-def leading_alpha_bars(steps: int, schedule: ScheduleConfig) -> tuple[Tensor, list[Tensor]]:
-    """DDIM/PNDM "leading" spacing: timesteps (steps,) descending and the steps+1 alpha-bars they move between.
+def _arange_down(start: int, step: float) -> list[float]:
+    """numpy.arange(start, 0, -step) in float64: ceil(start / step) points, start and start - step, then (as numpy
+    fills them) start + i*delta, delta being the float difference of the first two."""
+    count = math.ceil(start / step)
+    first, second = float(start), start - step
+    delta = second - first
+    return [first, second, *(first + i * delta for i in range(2, count))][:count]
 
-    Each step goes from t to t - N//steps (the next timestep, or for the last one a point whose alpha-bar is
-    alpha-bar_0, or 1 with set_alpha_to_one).
-    """
+
+def leading_timesteps(points: int, schedule: ScheduleConfig) -> list[int]:
+    """The "leading" spacing, descending: i * (N // points) + steps_offset for i = points-1 .. 0.
+
+    Refused where the first timestep lands past the table (DDIM/PNDM index past it in diffusers; the sigma
+    samplers clamp it onto sigma_max, repeating that sigma) or the spacing is 0 (DPM-Solver's points = steps+1)."""
     n_train = schedule.num_train_timesteps
-    ratio = n_train // steps
-    timesteps = [i * ratio + schedule.steps_offset for i in reversed(range(steps))]
+    ratio = n_train // points
+    timesteps = [i * ratio + schedule.steps_offset for i in reversed(range(points))]
+    if ratio == 0:
+        raise RequestError(f'steps must be below {n_train} with "leading" timestep spacing here: {points} points '
+                           f"over {n_train} timesteps")
     if timesteps[0] >= n_train:
-        raise RequestError(f"steps must be below {n_train} with steps_offset {schedule.steps_offset}, got {steps}")
+        raise RequestError(f'steps must be fewer with "leading" timestep spacing and steps_offset '
+                           f"{schedule.steps_offset}: the first timestep would be t = {timesteps[0]}, past the "
+                           f"{n_train}-step training table")
+    return timesteps
+
+
+def trailing_timesteps(steps: int, schedule: ScheduleConfig) -> list[int]:
+    """The "trailing" spacing, descending: numpy.arange(N, 0, -N/steps).round() - 1.
+
+    For some step counts (61, 103, 121, ... of N = 1000) float rounding leaves a point just above 0, so diffusers
+    gets steps+1 timesteps, the last t = -1 (DDIM/PNDM then read alpha-bar_(N-1)); those are refused."""
+    n_train = schedule.num_train_timesteps
+    timesteps = [round(t) - 1 for t in _arange_down(n_train, n_train / steps)]
+    if len(timesteps) != steps:
+        raise RequestError(f'steps {steps} cannot be spaced "trailing" over {n_train} timesteps: diffusers makes '
+                           f"{len(timesteps)} timesteps of them, the last t = {timesteps[-1]}; choose another count")
+    return timesteps
+
+
+def ddim_alpha_bars(steps: int, schedule: ScheduleConfig) -> tuple[Tensor, list[AlphaBarStep]]:
+    """DDIM/PNDM integer timesteps (steps,) descending, and each step's (alpha-bar from, alpha-bar to).
+
+    Spacing (default "leading"): leading i * (N//steps) + steps_offset; trailing arange(N, 0, -N/steps).round() - 1;
+    linspace linspace(0, N-1, steps).round(). Every step goes from alpha-bar(t) to alpha-bar(t - N//steps), the
+    next timestep's only when leading; below t=0 that is alpha-bar_0, or 1 with set_alpha_to_one.
+    """
+    spacing = schedule.timestep_spacing or "leading"
+    if spacing == "leading":
+        timesteps = leading_timesteps(steps, schedule)
+    elif spacing == "trailing":
+        timesteps = trailing_timesteps(steps, schedule)
+    else:
+        timesteps = [int(t) for t in _linspace(schedule.num_train_timesteps - 1, steps).round().flip(0).tolist()]
+    ratio = schedule.num_train_timesteps // steps
     table = alphas_cumprod(schedule)
-    final = torch.tensor(1.0) if schedule.set_alpha_to_one else table[0]
-    alpha_bars = [table[t] if t >= 0 else final for t in timesteps + [timesteps[-1] - ratio]]
+    alpha_bars = [(table[t], alpha_bar(t - ratio, table, schedule)) for t in timesteps]
     return torch.tensor(timesteps, dtype=torch.float32), alpha_bars
+
+
+def alpha_bar(t: int, table: Tensor, schedule: ScheduleConfig) -> Tensor:
+    """alpha-bar_t from `table`; below t=0 the final one (alpha-bar_0, or 1 with set_alpha_to_one)."""
+    if t >= len(table):
+        raise RequestError(f"steps leave a DDIM/PNDM step at t = {t}, past the {len(table)}-step training table")
+    if t >= 0:
+        return table[t]
+    return torch.tensor(1.0) if schedule.set_alpha_to_one else table[0]
+
+
+def plms_alpha_bars(steps: int, schedule: ScheduleConfig) -> tuple[Tensor, list[AlphaBarStep], AlphaBarStep | None]:
+    """PNDM's timesteps and steps as ddim_alpha_bars, plus the step its first (pseudo improved Euler) correction
+    takes: diffusers restarts from the first x, moving from alpha-bar(t_1 + N//steps) to alpha-bar(t_1), which is
+    the first step again only when leading. None for a single step, which has no correction."""
+    timesteps, alpha_bars = ddim_alpha_bars(steps, schedule)
+    if steps == 1:
+        return timesteps, alpha_bars, None
+    t_1 = int(timesteps[1])
+    table = alphas_cumprod(schedule)
+    return timesteps, alpha_bars, (alpha_bar(t_1 + schedule.num_train_timesteps // steps, table, schedule), table[t_1])
 
 
 def interpolate(x: Tensor, table: Tensor) -> Tensor:
@@ -67,12 +136,30 @@ def interpolate(x: Tensor, table: Tensor) -> Tensor:
     return torch.where(x >= len(table) - 1, table[-1], inside)
 
 
-def linspace_sigmas(steps: int, schedule: ScheduleConfig) -> tuple[Tensor, Tensor]:
-    """Euler, Euler ancestral, Heun and LMS "linspace" spacing: fractional timesteps (steps,) and sigmas
-    (steps+1,) ending in 0."""
-    timesteps = _linspace(schedule.num_train_timesteps - 1, steps).flip(0).float()
+def discrete_sigmas(steps: int, schedule: ScheduleConfig) -> tuple[Tensor, Tensor]:
+    """Euler, Euler ancestral, Heun and LMS: float32 timesteps (steps,) and sigmas (steps+1,) ending in 0.
+
+    Spacing (default "linspace"): linspace(0, N-1, steps) (fractional); leading i * (N//steps) + steps_offset;
+    trailing arange(N, 0, -N/steps).round() - 1. Sigmas are the training sigmas interpolated at them (np.interp).
+    """
+    spacing = schedule.timestep_spacing or "linspace"
+    if spacing == "linspace":
+        timesteps = _linspace(schedule.num_train_timesteps - 1, steps).flip(0).float()
+    elif spacing == "leading":
+        timesteps = torch.tensor(leading_timesteps(steps, schedule), dtype=torch.float32)
+    else:
+        timesteps = torch.tensor(trailing_timesteps(steps, schedule), dtype=torch.float32)
     sigmas = interpolate(timesteps.double(), training_sigmas(schedule))
     return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+def discrete_init_sigma(sigmas: Tensor, schedule: ScheduleConfig) -> Tensor:
+    """The std of the starting latent for Euler, Euler ancestral, Heun and LMS (diffusers' init_noise_sigma, float32):
+    sigma_max for "linspace" (the default) and "trailing", sqrt(sigma_max² + 1) for "leading"."""
+    sigma_max = sigmas.max()
+    if (schedule.timestep_spacing or "linspace") in ("linspace", "trailing"):
+        return sigma_max
+    return (sigma_max**2 + 1) ** 0.5
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> list[float]:
@@ -93,15 +180,27 @@ def sigma_to_t(sigma: float, log_sigmas: Tensor) -> float:
 
 
 def dpm_sigmas(steps: int, schedule: ScheduleConfig, karras: bool) -> tuple[Tensor, Tensor]:
-    """DPMSolverMultistep's integer timesteps (steps,) and sigmas (steps+1,) ending in 0, Karras-spaced or not."""
+    """DPMSolverMultistep's integer timesteps (steps,) and sigmas (steps+1,) ending in 0, Karras-spaced or not.
+
+    Karras sigmas span the whole training range whatever the spacing (diffusers replaces the spaced timesteps by
+    the Karras sigmas' own). Otherwise, spacing (default "linspace") over N+1 points, the last dropped:
+    linspace(0, N-1, steps+1).round(); leading i * (N // (steps+1)) + steps_offset for i = steps .. 1;
+    trailing arange(N, 0, -N/steps).round() - 1 (steps points, none dropped); sigmas the training sigmas there.
+    """
     table = training_sigmas(schedule)
     if karras:
         sigmas = karras_sigmas(table[0].item(), table[-1].item(), steps)
         log_sigmas = torch.log(table)
         timesteps = torch.tensor([round(sigma_to_t(sigma, log_sigmas)) for sigma in sigmas], dtype=torch.float32)
         sigmas = torch.tensor(sigmas, dtype=torch.float64).float()
-    else:
+        return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)])
+    spacing = schedule.timestep_spacing or "linspace"
+    if spacing == "linspace":
         # steps+1 evenly spaced points, rounded, the last (t=0) dropped
         timesteps = _linspace(schedule.num_train_timesteps - 1, steps + 1).round().flip(0)[:-1].float()
-        sigmas = table[timesteps.long()]
+    elif spacing == "leading":
+        timesteps = torch.tensor(leading_timesteps(steps + 1, schedule)[:-1], dtype=torch.float32)
+    else:
+        timesteps = torch.tensor(trailing_timesteps(steps, schedule), dtype=torch.float32)
+    sigmas = table[timesteps.long()]
     return timesteps, torch.cat([sigmas, sigmas.new_zeros(1)])

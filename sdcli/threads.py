@@ -12,17 +12,20 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-# Work of one U-Net call, in model_channels x latent pixels (per image; CFG's doubled batch is included
-# in the measurements). On the 2-core development machine a call of 32 x 8x8 (the bundled demo, 2048)
-# ran faster on one thread and 32 x 16x16 (8192) broke even or better on two; from 64 x 16x16 (16384) up
-# two threads won clearly. Each further thread is given another WORK_PER_THREAD (an extrapolation:
-# only 1 and 2 threads were measured).
-WORK_PER_THREAD = 4096
+# Work of one U-Net call, in model_channels x latent pixels per image (the measurements ran CFG's batch
+# of 2). On the 2-core development machine, idle, one thread was faster up to 4096 (the bundled demo at
+# 64x64 is 2048), the two broke even near 5000, two threads gained 7-13% from 6144 to 18432 and 25-40%
+# from 20480 up (SD at 64x64 pixels is 20480, at 512x512 1310720). Two threads start at 16384 rather
+# than at the break-even because a job that starts mid-render costs two threads far more (2-14x, see
+# docs/threads.md) than one thread loses below 16384 (at most ~13%). Each further thread is given
+# another WORK_PER_THREAD: an extrapolation, as only 1 and 2 threads were measured.
+WORK_PER_THREAD = 8192
 
 # /proc/loadavg's running count is sampled this many times, SAMPLE_GAP_S apart, and the median taken:
 # one snapshot catches short-lived processes (a shell, a compiler) as often as a job that keeps a core.
@@ -158,6 +161,20 @@ def resolve_threads(
     if env is not None:
         return env, "OMP_NUM_THREADS"
     return default_threads(work, cores), "auto"
+
+
+def set_wait_policy(threads: int, environ: MutableMapping[str, str] | None = None) -> bool:
+    """Make OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE) instead of spinning, when more than
+    one thread will run and the user has not chosen a policy; True when it was set. OpenMP reads the
+    variable when torch is imported, so this does nothing (and says False) once torch is in sys.modules.
+    Spinning workers fight a job that shares their core: on the 2-core machine with one core busy, two
+    spinning threads were 2-6x slower than one, two sleeping threads 1.1-1.25x; idle, large calls ran
+    within 0-15% of spinning (docs/threads.md)."""
+    env = os.environ if environ is None else environ
+    if threads <= 1 or "OMP_WAIT_POLICY" in env or "torch" in sys.modules:
+        return False
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
 
 
 def apply_threads(threads: int) -> None:

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from reference import KEY_LISTS, read_key_list
 from sdcli.checkpoint import config_for_weights, detect_family
 from sdcli.errors import CheckpointError
+
+from reference import KEY_LISTS, read_key_list
 
 UNET_INPUT = "model.diffusion_model.input_blocks.0.0.weight"
 

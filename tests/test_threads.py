@@ -97,3 +97,18 @@ def test_omp_num_threads_parsing(value, expected):
 def test_importing_does_not_import_torch():
     code = "import sys, sdcli.threads; assert 'torch' not in sys.modules, 'sdcli.threads imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_wait_policy_is_passive_only_for_several_threads_and_only_unset(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # as in the CLI before torch is imported
+    env: dict[str, str] = {}
+    assert not threads.set_wait_policy(1, env) and env == {}
+    assert threads.set_wait_policy(2, env) and env == {"OMP_WAIT_POLICY": "PASSIVE"}
+    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert not threads.set_wait_policy(2, env) and env == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_wait_policy_is_left_alone_once_torch_is_imported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace())
+    env: dict[str, str] = {}
+    assert not threads.set_wait_policy(2, env) and env == {}

@@ -25,7 +25,7 @@ VARIANTS = {
     # SD 2.x style: fixed head width, linear projections, two transformer blocks per level
     "sd2": UNetConfig(
         model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(0, 1),
-        context_dim=24, head_dim=16, linear_proj=True, transformer_depth=2, norm_groups=8,
+        context_dim=24, head_dim=16, linear_proj=True, transformer_depth=(2,), norm_groups=8,
     ),
     # head width with conv projections, attention at every level, odd in/out channels
     "mixed": UNetConfig(
@@ -64,7 +64,7 @@ def diffusers_config(cfg: UNetConfig) -> dict:
         # diffusers' attention_head_dim is a head count per level (a naming slip it keeps for SD configs)
         "attention_head_dim": [cfg.heads_at(w) for w in widths],
         "use_linear_projection": cfg.linear_proj,
-        "transformer_layers_per_block": cfg.transformer_depth,
+        "transformer_layers_per_block": [cfg.depth_at(level) for level in range(len(widths))],
         "norm_num_groups": cfg.norm_groups,
     }
 

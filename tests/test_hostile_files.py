@@ -200,7 +200,22 @@ def test_weights_problem_does_not_unpickle(tmp_path):
 
 
 CONFIG_TEXTS = {p.stem: p.read_text(encoding="utf-8") for p in sorted(BUNDLED.glob("*.yaml"))} | {"tiny": TINY_YAML}
-SECTIONS = {name: hint for name, hint in typing.get_type_hints(ModelConfig).items() if dataclasses.is_dataclass(hint)}
+def _section(hint):
+    """The dataclass of a config section: the hint itself, or the entries of a list of sections (text)."""
+    args = typing.get_args(hint)
+    return args[0] if typing.get_origin(hint) is tuple and dataclasses.is_dataclass(args[0]) else hint
+
+
+SECTIONS = {
+    name: _section(hint) for name, hint in typing.get_type_hints(ModelConfig).items()
+    if dataclasses.is_dataclass(_section(hint))
+}  # fmt: skip
+
+
+def _entries(data: dict, section: str) -> list[dict]:
+    """The mappings a section's value sets: each text encoder of a list, or the one mapping."""
+    value = data.setdefault(section, {})
+    return value if isinstance(value, list) else [value]
 EXCLUSIVE = {"num_heads": "head_dim", "head_dim": "num_heads"}  # setting one drops the other
 HUGE = 10**9
 
@@ -247,7 +262,8 @@ def _builds(config: ModelConfig) -> None:
     networks = (config.text, config.unet, config.vae)
     if networks not in _BUILT:
         build_on_meta(config)
-        Tokenizer(config.text)(["a red square"])
+        for text in config.text:
+            Tokenizer(text)(["a red square"])
         _BUILT.add(networks)
 
 
@@ -270,9 +286,10 @@ def _runs(config: ModelConfig) -> None:
 def test_zero_negative_empty_and_huge_values_are_refused_or_work(config_name, section, name, kind):
     for value in VALUES[kind]:
         data = yaml.safe_load(CONFIG_TEXTS[config_name])
-        data[section][name] = value
-        if name in EXCLUSIVE:
-            data[section].pop(EXCLUSIVE[name], None)
+        for entry in _entries(data, section):
+            entry[name] = value
+            if name in EXCLUSIVE:
+                entry.pop(EXCLUSIVE[name], None)
         text = yaml.safe_dump(data)
         try:
             config = parse_config(text, source=Path("model.yaml"))
@@ -294,7 +311,8 @@ def _error(text: str) -> str:
 
 def _edit(name: str, section: str, **values) -> str:
     data = yaml.safe_load(CONFIG_TEXTS[name])
-    data[section].update(values)
+    for entry in _entries(data, section):
+        entry.update(values)
     return yaml.safe_dump(data, sort_keys=False)
 
 
@@ -313,7 +331,7 @@ def test_a_range_error_names_the_key_its_line_and_the_value():
         ("sd21-v", "text", {"layers": 1}, "'text.layers' must be at least 2 for output_layer penultimate"),
         ("tiny", "text", {"mlp_ratio": 0.01}, "'text.mlp_ratio' makes the MLP 0 wide"),
         ("sd15", "text", {"context_length": 1}, "'text.context_length' must be at least 3"),
-        ("sd15", "unet", {"context_dim": 512}, "'unet.context_dim' must equal text.width 768"),
+        ("sd15", "unet", {"context_dim": 512}, "'unet.context_dim' must equal the text encoders' widths together, 768"),
         ("sd15", "unet", {"in_channels": 9}, "'unet.in_channels' must equal vae.latent_channels 4"),
         ("sd15", "unet", {"out_channels": 8}, "'unet.out_channels' must equal vae.latent_channels 4"),
         ("sd15", "unet", {"norm_groups": 48}, "'unet' level 0 has 320 channels, not divisible by norm_groups 48"),
@@ -348,9 +366,11 @@ def test_each_config_runs_on_the_meta_device(config_name):
     config = parse_config(CONFIG_TEXTS[config_name])
     _runs(config)
     nets = build_on_meta(config)
-    context = nets.text(Tokenizer(config.text)(["a red square"])[0].to("meta"))
+    outputs = [net(Tokenizer(cfg)(["a red square"])[0].to("meta")) for net, cfg in zip(nets.text, config.text, strict=True)]
+    context = torch.cat([c for c, _ in outputs], dim=-1)
+    y = None if config.unet.adm_in_channels is None else torch.empty(1, config.unet.adm_in_channels, device="meta")
     factor = config.vae.downsample
     latents = torch.empty(1, config.unet.in_channels, config.defaults.height // factor,
                           config.defaults.width // factor, device="meta")  # fmt: skip
-    image = nets.vae.decode(nets.unet(latents, torch.zeros(1, device="meta"), context))
+    image = nets.vae.decode(nets.unet(latents, torch.zeros(1, device="meta"), context, y))
     assert tuple(image.shape) == (1, 3, config.defaults.height, config.defaults.width)

@@ -366,7 +366,8 @@ def test_each_config_runs_on_the_meta_device(config_name):
     config = parse_config(CONFIG_TEXTS[config_name])
     _runs(config)
     nets = build_on_meta(config)
-    outputs = [net(Tokenizer(cfg)(["a red square"])[0].to("meta")) for net, cfg in zip(nets.text, config.text, strict=True)]
+    encoders = zip(nets.text, config.text, strict=True)
+    outputs = [net(Tokenizer(cfg)(["a red square"])[0].to("meta")) for net, cfg in encoders]
     context = torch.cat([c for c, _ in outputs], dim=-1)
     y = None if config.unet.adm_in_channels is None else torch.empty(1, config.unet.adm_in_channels, device="meta")
     factor = config.vae.downsample

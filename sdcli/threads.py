@@ -20,9 +20,9 @@ from typing import Any
 
 # Work of one U-Net call, in model_channels x latent pixels per image (the measurements ran CFG's batch
 # of 2). On the 2-core development machine, idle, one thread was faster up to 4096 (the bundled demo at
-# 64x64 is 2048), the two broke even near 5000, two threads gained 7-13% from 6144 to 18432 and 25-40%
+# 64x64 is 2048), the two broke even near 5000, two threads gained 7-13% from 6144 to 18432 and 16-40%
 # from 20480 up (SD at 64x64 pixels is 20480, at 512x512 1310720). Two threads start at 16384 rather
-# than at the break-even because a job that starts mid-render costs two threads far more (2-14x, see
+# than at the break-even because a job that starts mid-render costs two threads far more (5-14x, see
 # docs/threads.md) than one thread loses below 16384 (at most ~13%). Each further thread is given
 # another WORK_PER_THREAD: an extrapolation, as only 1 and 2 threads were measured.
 WORK_PER_THREAD = 8192
@@ -168,8 +168,8 @@ def set_wait_policy(threads: int, environ: MutableMapping[str, str] | None = Non
     one thread will run and the user has not chosen a policy; True when it was set. OpenMP reads the
     variable when torch is imported, so this does nothing (and says False) once torch is in sys.modules.
     Spinning workers fight a job that shares their core: on the 2-core machine with one core busy, two
-    spinning threads were 2-6x slower than one, two sleeping threads 1.1-1.25x; idle, large calls ran
-    within 0-15% of spinning (docs/threads.md)."""
+    spinning threads were 1.2-9x slower than one on calls of work >= 16384, two sleeping threads
+    1.07-1.25x; idle, those calls kept most of their gain (docs/threads.md)."""
     env = os.environ if environ is None else environ
     if threads <= 1 or "OMP_WAIT_POLICY" in env or "torch" in sys.modules:
         return False

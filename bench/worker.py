@@ -205,11 +205,10 @@ class Diffusers:
 
     def render(self, size: int, steps: int):
         sys.path.insert(0, str(ROOT / "tests"))
-        from reference import diffusers_render, diffusers_scheduler, diffusers_xl_render
+        from reference import diffusers_render, diffusers_scheduler
 
         self.pipe.scheduler = diffusers_scheduler(self.config, SAMPLER)
-        render = diffusers_xl_render if is_xl(self.config) else diffusers_render
-        return render(self.pipe, PROMPT, NEGATIVE, SEED, steps, GUIDANCE, size, size)
+        return diffusers_render(self.pipe, PROMPT, NEGATIVE, SEED, steps, GUIDANCE, size, size)
 
 
 def load_tool(args):

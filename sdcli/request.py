@@ -9,6 +9,7 @@ Validated without importing torch: the CLI checks input before a model loads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,8 +64,9 @@ def request_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Request))
 
 
+@functools.cache
 def request_types() -> dict[str, type]:
-    """Each request field's type (str, int or float)."""
+    """Each request field's type (str, int or float); computed once (planning asks per image)."""
     hints = typing.get_type_hints(Request)
     return {name: hints[name] for name in request_fields()}
 
@@ -116,7 +118,8 @@ def build_request(values: dict[str, Any], config: ModelConfig) -> Request:
             chosen[f.name] = getattr(config.defaults, f.name)
         elif f.default is not dataclasses.MISSING:
             chosen[f.name] = f.default
-    chosen = {k: float(v) if request_types()[k] is float else v for k, v in chosen.items()}
+    types = request_types()
+    chosen = {k: float(v) if types[k] is float else v for k, v in chosen.items()}
     return Request(**chosen)
 
 

@@ -9,8 +9,8 @@ Everything sdcli must match lives here, built from a ModelConfig alone:
 
 SD 1.x/2.x files come from the CompVis/Stability LDM code (`cond_stage_model.*`, DDPM schedule buffers, EMA
 counters); SDXL files from generative-models' (sgm) DiffusionEngine (`conditioner.embedders.N.*`, neither
-buffers nor counters); `is_sgm` tells them apart by where the text encoders live. `diffusers_xl_pipeline` /
-`diffusers_xl_render` are the SDXL counterparts of the two diffusers functions.
+buffers nor counters); `is_sgm` tells them apart by where the text encoders live. `diffusers_xl_pipeline` is
+the SDXL counterpart of `diffusers_pipeline`; `diffusers_render` renders with either.
 
 Run `python tests/reference.py` to rewrite tests/data/sd15-keys.txt, sd21-v-keys.txt and sdxl-keys.txt.
 """
@@ -798,9 +798,11 @@ def diffusers_pipeline(config: ModelConfig, checkpoint_path: str | Path, schedul
 
 
 def diffusers_render(
-    pipe, prompt: str, negative: str, seed: int, steps: int, guidance: float, width: int, height: int
+    pipe, prompt: str, negative: str | None, seed: int, steps: int, guidance: float, width: int, height: int
 ) -> np.ndarray:
-    """One image as uint8 HxWx3, rounded the way diffusers' numpy_to_pil does."""
+    """One image as uint8 HxWx3, rounded the way diffusers' numpy_to_pil does. For SDXL, `negative` None is
+    diffusers' "no negative prompt": with force_zeros_for_empty_prompt the unconditional branch is zeros
+    (text and pooled); "" is encoded like any prompt."""
     with torch.no_grad():
         out = pipe(
             prompt,
@@ -948,26 +950,6 @@ def diffusers_xl_pipeline(
         pipe.to(dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def diffusers_xl_render(
-    pipe, prompt: str, negative: str | None, seed: int, steps: int, guidance: float, width: int, height: int
-) -> np.ndarray:
-    """One SDXL image as uint8 HxWx3, rounded the way diffusers' numpy_to_pil does. `negative` None is
-    diffusers' "no negative prompt": with force_zeros_for_empty_prompt the unconditional branch is zeros
-    (text and pooled); "" is encoded like any prompt."""
-    with torch.no_grad():
-        out = pipe(
-            prompt,
-            negative_prompt=negative,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            width=width,
-            height=height,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="np",
-        )
-    return (out.images[0] * 255).round().astype(np.uint8)
 
 
 def diffusers_xl_conditioning(pipe, prompt: str, negative: str | None, width: int, height: int) -> dict:

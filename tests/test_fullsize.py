@@ -138,7 +138,7 @@ _XL_CHILD = textwrap.dedent(
     if which == "diffusers":
         # fp16 file -> fp16 models -> fp32: the same fp32 weights as loading in fp32, a third less memory
         pipe = reference.diffusers_xl_pipeline(config, path, sampler, load_dtype=torch.float16)
-        image = reference.diffusers_xl_render(pipe, prompt, negative, seed, steps, guidance, size, size)
+        image = reference.diffusers_render(pipe, prompt, negative, seed, steps, guidance, size, size)
     else:
         from sdcli.pipeline import Pipeline
         from sdcli.request import Request

@@ -19,10 +19,10 @@ from sdcli.request import Request
 from sdcli.sampler_registry import SAMPLERS
 
 from reference import (
+    diffusers_render,
     diffusers_scheduler,
     diffusers_xl_conditioning,
     diffusers_xl_pipeline,
-    diffusers_xl_render,
     psnr,
     tiny_config,
     torch_threads,
@@ -58,7 +58,7 @@ def render_ours(ours, sampler, negative, *, seed=SEED, guidance=GUIDANCE, width=
 
 def render_theirs(config, theirs, sampler, negative, *, seed=SEED, guidance=GUIDANCE, width=WIDTH, height=HEIGHT):
     theirs.scheduler = diffusers_scheduler(config, sampler)
-    return diffusers_xl_render(theirs, PROMPT, negative, seed, STEPS, guidance, width, height)
+    return diffusers_render(theirs, PROMPT, negative, seed, STEPS, guidance, width, height)
 
 
 def assert_same_picture(got: np.ndarray, expected: np.ndarray) -> None:

@@ -8,13 +8,15 @@ import codecs
 import signal
 import sys
 
-from sdcli.errors import Terminated, raise_terminated
+from sdcli.errors import Terminated, raise_interrupted, raise_terminated
 
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 
 
 def main() -> None:
     """`sdcli` and `python -m sdcli`."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the caller ignores it
+        signal.signal(signal.SIGINT, raise_interrupted)
     signal.signal(signal.SIGTERM, raise_terminated)
     codecs.register_error("sdcli-escape", _escape)
     for stream in (sys.stdout, sys.stderr):

@@ -21,6 +21,18 @@ class Terminated(BaseException):
     """SIGTERM arrived: unwinds like Ctrl-C (KeyboardInterrupt), discarding the image in flight."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT arrived. A subclass, not KeyboardInterrupt itself: CPython remembers a bare KeyboardInterrupt
+    that escapes any `exec` of source text (dataclasses and namedtuples are made that way during imports)
+    and, even once sdcli has caught it and chosen exit 130, kills the process with SIGINT at exit, silently;
+    it checks for the exact type, so this one is only ever what sdcli makes of it."""
+
+
+def raise_interrupted(signum, frame) -> None:
+    """The SIGINT handler (Python's own raises the bare KeyboardInterrupt)."""
+    raise Interrupted()
+
+
 def raise_terminated(signum, frame) -> None:
     """The SIGTERM handler: the signal becomes a Terminated exception where the program is."""
     raise Terminated()

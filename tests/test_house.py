@@ -160,6 +160,23 @@ def test_a_signal_in_the_first_moments_exits_cleanly(tiny_model, tmp_path, signu
         assert b"Traceback" not in err, (delay, err.decode())
 
 
+def test_ctrl_c_inside_exec_still_exits_130(tmp_path):
+    """CPython remembers a bare KeyboardInterrupt that escapes `exec` of source text (dataclasses are made so
+    during imports) and, after sdcli caught it and chose 130, kills `python -m` with SIGINT at exit, silently
+    (seen as -2 in CI, one run in fifteen). sdcli's own SIGINT exception must not trip that."""
+    (tmp_path / "exec_interrupted.py").write_text(
+        "import sdcli.cli, sdcli.entry\n"
+        "def app(prog_name):\n"
+        "    exec('import os, signal\\nos.kill(os.getpid(), signal.SIGINT)\\nfor i in range(10**7): pass')\n"
+        "sdcli.cli.app = app\n"
+        "sdcli.entry.main()\n"
+    )
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parents[1])])}
+    done = subprocess.run([sys.executable, "-m", "exec_interrupted"], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 130, done.stderr.decode()
+    assert b"Traceback" not in done.stderr
+
+
 # --- the runner without the command line -------------------------------------------------------------
 
 

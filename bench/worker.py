@@ -138,6 +138,8 @@ class Diffusers:
     offline, as its documentation uses it."""
 
     def __init__(self, config, checkpoint: Path, dtype: str, folder: Path, original_config: bool = True):
+        if os.environ.get("THP_MEM_ALLOC_ENABLE") == "1" and "torch" not in sys.modules:
+            del os.environ["THP_MEM_ALLOC_ENABLE"]  # sdcli's choice (sdcli/__init__.py); diffusers as shipped
         import torch
         from diffusers.utils import logging as diffusers_logging
 

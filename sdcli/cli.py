@@ -34,7 +34,7 @@ from sdcli.outputs import (
     recorded_weights,
 )
 from sdcli.progress import Reporter
-from sdcli.request import ITEM_ONLY_TYPES, item_types, recorded_values, request_fields
+from sdcli.request import ITEM_ONLY_TYPES, PROMPT_SYNTAXES, item_types, recorded_values, request_fields
 from sdcli.runner import BATCH_SIZE, Job, Run, run_job
 from sdcli.sampler_registry import SAMPLER_SPECS
 from sdcli.text_limits import clip
@@ -123,6 +123,18 @@ Guidance = Annotated[
 Sampler = Annotated[str | None, typer.Option(metavar="NAME", help=f"One of {', '.join(SAMPLERS)}. {CONFIGS}")]
 Width = Annotated[int | None, typer.Option("--width", "-W", metavar="PX", help=f"Width, a multiple of 8. {CONFIGS}")]
 Height = Annotated[int | None, typer.Option("--height", "-H", metavar="PX", help=f"Height, a multiple of 8. {CONFIGS}")]
+ClipSkip = Annotated[
+    int | None,
+    typer.Option(metavar="N", min=1, help="Text layer as A1111 counts: 1 = last, 2 = the one before. [default: 1]"),
+]
+PromptSyntax = Annotated[
+    str | None,
+    typer.Option(
+        metavar="S",
+        help=f"{' or '.join(PROMPT_SYNTAXES)}: A1111's (weights), [less], BREAK and long prompts, "
+        "or diffusers' literal text cut at 75 tokens. [default: a1111]",
+    ),
+]
 Count = Annotated[
     int | None, typer.Option("--count", "-N", metavar="N", min=1, max=MAX_COUNT, help="Images per prompt. [default: 1]")
 ]
@@ -216,6 +228,8 @@ def generate(
     sampler: Sampler = None,
     width: Width = None,
     height: Height = None,
+    clip_skip: ClipSkip = None,
+    prompt_syntax: PromptSyntax = None,
     count: Count = None,
     from_: Annotated[
         Path | None,
@@ -312,6 +326,8 @@ def batch(
     sampler: Sampler = None,
     width: Width = None,
     height: Height = None,
+    clip_skip: ClipSkip = None,
+    prompt_syntax: PromptSyntax = None,
     count: Count = None,
     config: Config = None,
     weights: Weights = None,

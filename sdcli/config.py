@@ -40,6 +40,9 @@ class TextConfig:
     vocab_size: int = 49408  # OpenCLIP's bundled BPE vocabulary
     context_length: int = 77  # tokens per prompt, start and end tokens included
     mlp_ratio: float = 4.0  # MLP hidden width over transformer width
+    # whether A1111's Clip skip N takes the context N-1 blocks earlier (then ln_final): its SD 1.x CLIP only;
+    # A1111 leaves SD 2.x's and SDXL's encoders at their configured layer whatever the setting
+    clip_skip: bool = False
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,7 @@ from sdcli.request import (
     metadata_types,
     name_fields,
     recipe_keys,
+    recorded_values,
     request_fields,
     request_types,
     required_metadata,
@@ -197,6 +198,7 @@ def infotext(meta: dict[str, Any]) -> str:
     if meta["negative"]:
         lines.append(f"Negative prompt: {meta['negative']}")
     spec = SAMPLER_SPECS[meta["sampler"]]
+    recipe = recorded_values(meta)  # an older sidecar's meta lacks the newer fields
     settings = {
         "Steps": meta["steps"],
         "Sampler": spec.a1111_name,
@@ -204,6 +206,9 @@ def infotext(meta: dict[str, Any]) -> str:
         "CFG scale": meta["guidance"],
         "Seed": meta["seed"],
         "Size": f"{meta['width']}x{meta['height']}",
+        "Clip skip": recipe["clip_skip"] if recipe["clip_skip"] > 1 else None,  # as A1111: only when set
+        # A1111's emphasis "None" reads brackets literally, like sdcli's plain syntax (which also cuts at 75)
+        "Emphasis": "None" if recipe["prompt_syntax"] == "plain" else None,
         "Model hash": meta["weights_sha256"][:10],  # A1111's "AutoV2" short hash
         "Model": Path(meta["weights"]).stem,
         "RNG": "CPU",  # the noise comes from a CPU generator; A1111 assumes GPU noise without this

@@ -20,6 +20,7 @@ from sdcli.hashing import cache_dir
 from sdcli.nets.bands import decode_in_bands
 from sdcli.nets.text import Tokenizer
 from sdcli.nets.unet import timestep_embedding
+from sdcli.prompt_chunks import CHUNK_TOKENS, Chunk, chunk_prompt
 from sdcli.request import Request, check_request
 from sdcli.samplers import sample
 from sdcli.weights import Components, load_components, vae_dtype
@@ -90,21 +91,50 @@ def dtype_name(dtype: torch.dtype) -> str:
 class Conditioning:
     """What the U-Net is conditioned on, per image: the cross-attention context (B, T, D) and, for U-Nets
     with label_emb, the vector y (B, adm_in_channels). Classifier-free guidance batches every field as one
-    unit, (uncond, cond), into one U-Net call (generative-models' VanillaCFG)."""
+    unit, (uncond, cond), into one U-Net call (generative-models' VanillaCFG).
+
+    Long prompts make contexts of 77*k tokens, k differing between images and their negatives. Rows then
+    share the call padded to the longest, `lengths` saying how many tokens are each row's own: the U-Net
+    attends to those only, which is what A1111 computes by running the two lengths in separate calls."""
 
     context: torch.Tensor
     vector: torch.Tensor | None = None
+    lengths: tuple[int, ...] | None = None  # None: every row is all its own
+
+    @staticmethod
+    def of(contexts: Sequence[torch.Tensor], vector: torch.Tensor | None = None) -> Conditioning:
+        """Rows of (T_i, D) contexts, padded with zeros to the longest."""
+        lengths = tuple(c.shape[0] for c in contexts)
+        if len(set(lengths)) == 1:
+            return Conditioning(torch.stack(list(contexts)), vector)
+        padded = torch.nn.utils.rnn.pad_sequence(list(contexts), batch_first=True)
+        return Conditioning(padded, vector, lengths)
+
+    def rows(self) -> list[torch.Tensor]:
+        """Each row's own context, without padding."""
+        lengths = self.lengths or (self.context.shape[1],) * self.context.shape[0]
+        return [row[:n] for row, n in zip(self.context, lengths, strict=True)]
 
     @staticmethod
     def cat(parts: Sequence[Conditioning]) -> Conditioning:
         """Stack conditionings along the batch."""
         vectors = [p.vector for p in parts]
         vector = None if vectors[0] is None else torch.cat(vectors)
-        return Conditioning(torch.cat([p.context for p in parts]), vector)
+        return Conditioning.of([row for p in parts for row in p.rows()], vector)
+
+    def split(self, n: int) -> tuple[Conditioning, Conditioning]:
+        """The first n rows, and the rest."""
+        rows = self.rows()
+        vector = (None, None) if self.vector is None else (self.vector[:n], self.vector[n:])
+        return Conditioning.of(rows[:n], vector[0]), Conditioning.of(rows[n:], vector[1])
 
     def inputs(self) -> dict[str, torch.Tensor]:
         """The U-Net's keyword arguments."""
-        return {"context": self.context} | ({"y": self.vector} if self.vector is not None else {})
+        inputs = {"context": self.context} | ({"y": self.vector} if self.vector is not None else {})
+        if self.lengths is not None:
+            positions = torch.arange(self.context.shape[1], device=self.context.device)
+            inputs["context_keys"] = positions < torch.tensor(self.lengths, device=self.context.device)[:, None]
+        return inputs
 
 
 class Pipeline:
@@ -159,35 +189,63 @@ class Pipeline:
         return dtype_name(vae_dtype(self.config, self.dtype))
 
     @torch.inference_mode()
-    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids -> the text context the U-Net cross-attends to, (B, 77, D): every encoder's context,
-        concatenated along D (SDXL: CLIP-L's 768 then bigG's 1280), and the pooled embedding (B, P) of the
-        encoder that gives one (None when none does)."""
-        contexts, pooled = [], None
+    def encode_prompts(
+        self, prompts: Sequence[str], requests: Sequence[Request]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Each prompt (read by its request's syntax and clip skip) -> its text context (77*k, D), every
+        encoder's concatenated along D (SDXL: CLIP-L's 768 then bigG's 1280), and the pooled embeddings (B, P)
+        of the encoder that gives one, from each prompt's first chunk (None when no encoder pools)."""
+        if any(r.clip_skip > 1 for r in requests) and not any(t.clip_skip for t in self.config.text):
+            log.warning("clip skip changes nothing on %s: A1111 applies it to SD 1.x's encoder only", self.config.name)
+        per_encoder, pooled = [], None
         for encoder, tokenizer in zip(self.nets.text, self.tokenizers, strict=True):
-            ids, truncated = tokenizer(list(prompts))
-            context, pool = encoder(ids.to(self.device))
-            contexts.append(context)
+            read = [chunk_prompt(p, tokenizer, r.prompt_syntax) for p, r in zip(prompts, requests, strict=True)]
+            windows, cut = [chunks for chunks, _ in read], [truncated for _, truncated in read]
+            contexts, pool = self._encode_windows(encoder, windows, [r.clip_skip for r in requests])
+            per_encoder.append(contexts)
             pooled = pool if pool is not None else pooled
-        for prompt, cut in zip(prompts, truncated, strict=True):
-            if cut:
-                keep = self.config.text[0].context_length - 2
-                log.warning("prompt longer than %d tokens was truncated: %.60s...", keep, prompt)
-        return torch.cat(contexts, dim=-1), pooled
+        for prompt, truncated in zip(prompts, cut, strict=True):
+            if truncated:
+                log.warning("prompt longer than %d tokens was truncated: %.60s...", CHUNK_TOKENS, prompt)
+        contexts = [torch.cat(parts, dim=-1) for parts in zip(*per_encoder, strict=True)]
+        return contexts, pooled
+
+    def _encode_windows(
+        self, encoder: torch.nn.Module, windows: Sequence[Sequence[Chunk]], clip_skips: Sequence[int]
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """One encoder over every prompt's chunks (one call per clip skip value), each chunk's emphasis
+        applied as A1111's "Original" does: weights multiply the tokens, then the chunk's mean is restored."""
+        flat = [(i, chunk) for i, chunks in enumerate(windows) for chunk in chunks]
+        outputs: list[torch.Tensor | None] = [None] * len(flat)
+        pools: list[torch.Tensor | None] = [None] * len(flat)
+        for skip in sorted(set(clip_skips)):
+            picked = [j for j, (i, _) in enumerate(flat) if clip_skips[i] == skip]
+            ids = torch.tensor([flat[j][1].ids for j in picked], device=self.device)
+            context, pool = encoder(ids, clip_skip=skip)
+            for row, j in enumerate(picked):
+                outputs[j] = _emphasis(context[row], flat[j][1])
+                pools[j] = None if pool is None else pool[row]
+        contexts, first = [], []
+        for i in range(len(windows)):
+            rows = [j for j, (owner, _) in enumerate(flat) if owner == i]
+            contexts.append(torch.cat([outputs[j] for j in rows]))
+            first.append(pools[rows[0]])
+        pooled = None if first[0] is None else torch.stack(first)
+        return contexts, pooled
 
     def conditioning(self, prompts: Sequence[str], requests: Sequence[Request]) -> Conditioning:
         """The conditioning of each prompt for the request at the same place (its size feeds SDXL's vector).
         With the config's zero_empty_negative, an empty prompt conditions on zeros (text and pooled alike;
         the sizes still count), as generative-models' force_zero_embeddings and diffusers' default do."""
-        context, pooled = self.encode_prompts(prompts)
+        contexts, pooled = self.encode_prompts(prompts, requests)
         if self.config.conditioning.zero_empty_negative:
-            empty = torch.tensor([not p for p in prompts], device=self.device)
-            context = torch.where(empty[:, None, None], torch.zeros_like(context), context)
+            contexts = [torch.zeros_like(c) if not p else c for c, p in zip(contexts, prompts, strict=True)]
             if pooled is not None:
+                empty = torch.tensor([not p for p in prompts], device=self.device)
                 pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
         if not self.config.conditioning.vector:
-            return Conditioning(context)
-        return Conditioning(context, self.vector(pooled, requests).to(context.dtype))
+            return Conditioning.of(contexts)
+        return Conditioning.of(contexts, self.vector(pooled, requests).to(contexts[0].dtype))
 
     def vector(self, pooled: torch.Tensor | None, requests: Sequence[Request]) -> torch.Tensor:
         """SDXL's y: the configured parts in order, each size pair as Fourier features (sgm's
@@ -259,7 +317,7 @@ class Pipeline:
             cond, uncond = self.conditioning(prompts, requests), None
         else:  # prompts and negatives through the text encoders in one batch
             both = self.conditioning(prompts + [r.negative for r in requests], [*requests, *requests])
-            cond, uncond = _split(both, len(requests))
+            cond, uncond = both.split(len(requests))
         noise, generators = self.initial_noise(requests)
         model = self.guided_model(cond, uncond, first.guidance)
         return sample(first.sampler, model, noise, first.steps, self.config.schedule, generators, on_step)
@@ -278,7 +336,14 @@ class Pipeline:
         return [Image.fromarray(p) if ok else None for p, ok in zip(pixels, finite.tolist(), strict=True)]
 
 
-def _split(both: Conditioning, n: int) -> tuple[Conditioning, Conditioning]:
-    """(cond, uncond) of a conditioning made for prompts then negatives."""
-    vector = (None, None) if both.vector is None else (both.vector[:n], both.vector[n:])
-    return Conditioning(both.context[:n], vector[0]), Conditioning(both.context[n:], vector[1])
+
+def _emphasis(context: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    """A1111's "Original" emphasis on one chunk's (77, D) context: scaled per token, then rescaled so the
+    chunk's mean is what it was (A1111 takes the mean over its batch; one prompt's chunk here, so an image
+    renders the same alone or in a batch, as A1111 does at batch size 1)."""
+    if not chunk.emphasised:
+        return context
+    weights = torch.tensor(chunk.weights, dtype=context.dtype, device=context.device)
+    original = context.mean()
+    context = context * weights[:, None]
+    return context * (original / context.mean())

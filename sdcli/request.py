@@ -20,6 +20,8 @@ from sdcli.sampler_registry import SAMPLERS
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts any unsigned 64-bit value
 MAX_SIDE_FACTOR = 4  # a side may be this many times the model's default: SD repeats itself well before
+# How prompt text becomes tokens: A1111's emphasis, BREAK and 75-token chunks; or diffusers' literal text cut at 75.
+PROMPT_SYNTAXES = ("a1111", "plain")
 
 
 def _shared(**meta: Any) -> dict[str, Any]:
@@ -42,6 +44,8 @@ class Request:
     sampler: str = field(metadata=_shared(in_name=True))
     width: int = field(metadata=_shared(in_name=True))
     height: int = field(metadata=_shared(in_name=True))
+    clip_skip: int = field(default=1, metadata={"in_name": True, "legacy": 1})  # A1111's numbering: 1 = last layer
+    prompt_syntax: str = field(default="a1111", metadata={"legacy": "plain"})  # older sidecars meant diffusers'
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one U-Net batch."""
@@ -145,6 +149,15 @@ def check_request(request: Request, config: ModelConfig) -> Request:
                 f"--{name} {value} is more than {config.name} renders: at most {largest} "
                 f"({MAX_SIDE_FACTOR}x its default {getattr(config.defaults, name)})"
             )
+    if request.prompt_syntax not in PROMPT_SYNTAXES:
+        raise RequestError(
+            f"unknown prompt syntax '{request.prompt_syntax[:40]}'; valid: {', '.join(PROMPT_SYNTAXES)}"
+        )
+    layers = min(text.layers for text in config.text)
+    if not 1 <= request.clip_skip <= layers:
+        raise RequestError(
+            f"--clip-skip must be between 1 and {layers} (the text encoder's layers), got {request.clip_skip}"
+        )
     if request.steps < 1:
         raise RequestError(f"--steps must be at least 1, got {request.steps}")
     if request.steps > config.schedule.num_train_timesteps:

@@ -1018,6 +1018,7 @@ def tiny_config(family: str = "sd1", prediction: str = "epsilon") -> ModelConfig
         activation="quick_gelu" if sd1 else "gelu",
         output_layer="last" if sd1 else "penultimate",
         pad_id=49407 if sd1 else 0,
+        clip_skip=sd1,
     )
     unet = UNetConfig(
         model_channels=32,

@@ -91,7 +91,9 @@ def test_diffusers_pipeline_is_configured_as_sdxl(both):
 def test_prompt_embeds_and_pooled_match(both):
     _, _, ours, theirs = both
     expected = diffusers_xl_conditioning(theirs, PROMPT, NEGATIVE, WIDTH, HEIGHT)
-    context, pooled = ours.encode_prompts([PROMPT, NEGATIVE])
+    requests = [Request(p, "", SEED, STEPS, GUIDANCE, "euler", WIDTH, HEIGHT) for p in (PROMPT, NEGATIVE)]
+    contexts, pooled = ours.encode_prompts([PROMPT, NEGATIVE], requests)
+    context = torch.stack(contexts)
     assert context.shape == (2, 77, 80) and pooled.shape == (2, 48)
     torch.testing.assert_close(context[:1], expected["prompt_embeds"], rtol=0, atol=TENSOR_ATOL)
     torch.testing.assert_close(context[1:], expected["negative_prompt_embeds"], rtol=0, atol=TENSOR_ATOL)

@@ -54,8 +54,9 @@ def test_decode_in_several_bands_equals_the_whole_decode(pipe):
 def test_prompt_and_negative_encoded_together_equal_apart(pipe):
     """One text-encoder batch for both halves of classifier-free guidance changes nothing."""
     prompts = ["a red cube on a table", "blurry"]
-    together, _ = pipe.encode_prompts(prompts)
-    apart = torch.cat([pipe.encode_prompts(prompts[:1])[0], pipe.encode_prompts(prompts[1:])[0]])
+    requests = [Request(p, "", 1, 4, 7.5, "euler", 64, 64) for p in prompts]
+    together = torch.stack(pipe.encode_prompts(prompts, requests)[0])
+    apart = torch.stack([pipe.encode_prompts([p], [r])[0][0] for p, r in zip(prompts, requests, strict=True)])
     assert relative_error(together, apart) <= 1e-5
 
 

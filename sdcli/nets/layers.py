@@ -7,10 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head scaled dot-product attention over token sequences (Vaswani et al. 2017)."""
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, keys: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Multi-head scaled dot-product attention over token sequences (Vaswani et al. 2017); `keys` (B, M) bool,
+    when given, says which of the M keys each sample may attend to (the others are padding)."""
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, head_dim)
-    out = F.scaled_dot_product_attention(q, k, v)
+    mask = None if keys is None else keys[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).flatten(2)  # (B, N, heads * head_dim)
 
 

@@ -90,9 +90,12 @@ class TextEncoder(nn.Module):
         # the context's block; a later one stays a parameter so strict loads work, and runs only for pooling
         self.depth = cfg.layers - 1 if cfg.output_layer == "penultimate" else cfg.layers
         self.blocks_run = cfg.layers if cfg.pooled else self.depth
+        self.honours_clip_skip = cfg.clip_skip
 
-    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(context (B, L, width), pooled (B, width) or None)."""
+    def forward(self, ids: Tensor, clip_skip: int = 1) -> tuple[Tensor, Tensor | None]:
+        """(context (B, L, width), pooled (B, width) or None); A1111's `clip_skip` N takes the context N-1
+        blocks earlier, on an encoder that honours it."""
+        depth = self.depth - (clip_skip - 1) if self.honours_clip_skip else self.depth
         length = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:length]  # (B, L, width)
         # additive causal mask, built here so a meta-device construction holds no stale buffer
@@ -100,8 +103,10 @@ class TextEncoder(nn.Module):
         context = x
         for i, block in enumerate(self.transformer.resblocks[: self.blocks_run]):
             x = block(x, causal)
-            if i + 1 == self.depth:
+            if i + 1 == depth:
                 context = x
+            if i + 1 >= depth and not hasattr(self, "text_projection"):
+                break  # the later blocks only feed pooling
         if self.final_norm:
             context = self.ln_final(context)
         if not hasattr(self, "text_projection"):
@@ -187,6 +192,7 @@ class Tokenizer:
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.ranks = {pair: i for i, pair in enumerate(merges)}
         self.start_id, self.end_id = self.encoder[START], self.encoder[END]
+        self.comma_id = self.encoder[",</w>"]  # where A1111 may end a long prompt's chunk early
         self.words = {START: START, END: END}  # BPE results per word; OpenCLIP maps the spelled-out specials too
         self.pattern = regex.compile(
             rf"{START}|{END}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+", regex.IGNORECASE

@@ -64,9 +64,11 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))  # to_out.1 was a dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, keys: torch.Tensor | None = None
+    ) -> torch.Tensor:
         context = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, keys))
 
 
 class GEGLU(nn.Module):
@@ -104,9 +106,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+        x = x + self.attn2(self.norm2(x), context, keys)
         return x + self.ff(self.norm3(x))
 
 
@@ -125,7 +127,7 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(channels, channels) if cfg.linear_proj else nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]
         y = self.norm(x)
         if not self.linear_proj:
@@ -135,7 +137,7 @@ class SpatialTransformer(nn.Module):
         if self.linear_proj:
             y = self.proj_in(y)
         for block in self.transformer_blocks:
-            y = block(y, context)
+            y = block(y, context, keys)
         if self.linear_proj:
             y = self.proj_out(y)
         # back in x's own layout, so proj_out's conv and the residual run as they would on x (the NHWC view
@@ -162,13 +164,14 @@ class Stage(nn.Sequential):
     """One entry of input_blocks/middle_block/output_blocks: each layer gets the inputs it needs."""
 
     def forward(
-        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, size: torch.Size | None = None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, size: torch.Size | None = None,
+        keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, keys)
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
             else:
@@ -240,10 +243,12 @@ class UNet(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
+        context_keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Predict from latents `x` at `timesteps` (one per sample, or one for all) given text `context` (and
-        the vector `y` when the U-Net has label_emb)."""
+        the vector `y` when the U-Net has label_emb; `context_keys` (B, T) bool marks each sample's own
+        context tokens when samples with contexts of different lengths share the call, padded)."""
         t = timesteps.reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(x.dtype))
         if hasattr(self, "label_emb"):
@@ -251,11 +256,11 @@ class UNet(nn.Module):
         skips = []
         h = x
         for stage in self.input_blocks:
-            h = stage(h, emb, context)
+            h = stage(h, emb, context, keys=context_keys)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, keys=context_keys)
         for stage in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
             # an upsampling stage aims at the next skip's size, so odd sizes come back exactly
-            h = stage(h, emb, context, skips[-1].shape[-2:] if skips else None)
+            h = stage(h, emb, context, skips[-1].shape[-2:] if skips else None, context_keys)
         return self.out(h)

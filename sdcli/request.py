@@ -22,6 +22,7 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts any unsigned 64-bit 
 MAX_SIDE_FACTOR = 4  # a side may be this many times the model's default: SD repeats itself well before
 # How prompt text becomes tokens: A1111's emphasis, BREAK and 75-token chunks; or diffusers' literal text cut at 75.
 PROMPT_SYNTAXES = ("a1111", "plain")
+MAX_PROMPT_CHARS = 20_000  # some 5000 tokens, 66 chunks: far past any prompt, short of a hostile one's cost
 
 
 def _shared(**meta: Any) -> dict[str, Any]:
@@ -133,6 +134,11 @@ def check_request(request: Request, config: ModelConfig) -> Request:
         value = getattr(request, name)
         if kind is str and not _is_text(value):
             raise RequestError(f"the {name} is not valid text (it holds bytes that are not UTF-8)")
+    for name in ("prompt", "negative"):
+        if len(getattr(request, name)) > MAX_PROMPT_CHARS:
+            raise RequestError(
+                f"the {name} is {len(getattr(request, name))} characters long; at most {MAX_PROMPT_CHARS}"
+            )
     if request.sampler not in SAMPLERS:
         raise RequestError(
             f"unknown sampler '{request.sampler[:40]}'{_suggest(request.sampler, SAMPLERS)}; "

@@ -20,6 +20,7 @@ import typer
 from typer.core import TyperGroup
 
 from sdcli import __version__
+from sdcli.a1111_source import is_sdcli_file, read_a1111, weights_for
 from sdcli.checkpoint import config_for_weights, weights_problem
 from sdcli.config import SAMPLERS, bundled_config_names, find_weights, load_config, user_config_dir
 from sdcli.distributed import current_shard, shard_device, share
@@ -236,7 +237,7 @@ def generate(
         typer.Option(
             "--from",
             metavar="FILE",
-            help="Re-render an sdcli PNG or JSON sidecar; options given here override its values.",
+            help="Re-render an sdcli PNG or JSON sidecar, or an A1111 PNG or infotext; options given here override.",
         ),
     ] = None,
     config: Config = None,
@@ -258,7 +259,13 @@ def generate(
     options = dict(locals())
     values = _given(options, request_fields())
     recorded: dict[str, Any] = {}
-    if from_ is not None:
+    a1111 = None
+    if from_ is not None and not is_sdcli_file(from_):
+        a1111 = read_a1111(from_)
+        for line in a1111.warnings:
+            print(f"sdcli: warning: --from {clip(str(from_), 60)}: {line}", file=sys.stderr, flush=True)
+        values = {**a1111.values, **values}
+    elif from_ is not None:
         recorded = read_metadata(from_)
         values = {**recorded_values(recorded), **values}
         device = device or recorded.get("device")
@@ -269,11 +276,20 @@ def generate(
         raise RequestError("give a PROMPT, or --from IMAGE.png to re-render one (see 'sdcli generate --help')")
     if not values["prompt"].strip():
         raise RequestError("the prompt is empty")
-    if from_ is not None and config is None:
+    if a1111 is not None and weights is None:
+        found = weights_for(a1111)
+        if found is None and config is None:
+            named = f" (Model hash {clip(a1111.model_hash, 20)})" if a1111.model_hash else ""
+            raise RequestError(
+                f"--from {clip(str(from_), 60)}: no file in the weights folders is the model it was made with"
+                f"{named}; pass --weights or --config"
+            )
+        weights = None if found is None else str(found)
+    if from_ is not None and a1111 is None and config is None:
         model = _from_config(recorded, from_)
     else:
         model = _model(config, weights, allow_pickle)
-    if from_ is not None and weights is None:
+    if from_ is not None and a1111 is None and weights is None:
         weights = recorded_weights(recorded, model)
     run = _run_settings(
         weights=weights, device=device, dtype=dtype, threads=threads, out=out, name=name, batch_size=batch_size,

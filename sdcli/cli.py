@@ -279,10 +279,14 @@ def generate(
     if a1111 is not None and weights is None:
         found = weights_for(a1111)
         if found is None and config is None:
-            named = f" (Model hash {clip(a1111.model_hash, 20)})" if a1111.model_hash else ""
+            where = clip(str(from_), 60)
+            if not a1111.model_hash:
+                raise RequestError(
+                    f"--from {where}: A1111 infotext that names no model (no Model hash); pass --weights or --config"
+                )
             raise RequestError(
-                f"--from {clip(str(from_), 60)}: no file in the weights folders is the model it was made with"
-                f"{named}; pass --weights or --config"
+                f"--from {where}: no file in the weights folders has its Model hash {clip(a1111.model_hash, 20)}; "
+                "pass --weights or --config"
             )
         weights = None if found is None else str(found)
     if from_ is not None and a1111 is None and config is None:

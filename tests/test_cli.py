@@ -116,7 +116,7 @@ def bad_inputs(tmp, tiny):
         (["generate", "x", "-c", "sd15"], "weights file not found"),
         (["generate", "x", "-c", tiny, "-o", f"{tmp}/file/sub"], "cannot write there"),
         (["generate", "--from", f"{tmp}/none.png"], "--from"),
-        (["generate", "--from", f"{tmp}/p.txt"], "expected an sdcli .png image or its .json sidecar"),
+        (["generate", "--from", f"{tmp}/p.txt"], "A1111 infotext that names no model (no Model hash)"),
         (["batch", f"{tmp}/none.txt"], "prompt file not found"),
         (["batch", f"{tmp}/empty.txt", "-c", tiny], "empty.txt: no prompts in the file"),
         (["batch", f"{tmp}/p.jsonl", "-c", tiny], "p.jsonl:2: unknown key 'stpes' (did you mean 'steps'?)"),

@@ -20,7 +20,6 @@ import typer
 from typer.core import TyperGroup
 
 from sdcli import __version__
-from sdcli.a1111_source import is_sdcli_file, read_a1111, weights_for
 from sdcli.checkpoint import config_for_weights, weights_problem
 from sdcli.config import SAMPLERS, bundled_config_names, find_weights, load_config, user_config_dir
 from sdcli.distributed import current_shard, shard_device, share
@@ -260,6 +259,8 @@ def generate(
     values = _given(options, request_fields())
     recorded: dict[str, Any] = {}
     a1111 = None
+    if from_ is not None:
+        from sdcli.a1111_source import is_sdcli_file, read_a1111, weights_for  # only --from pays for it
     if from_ is not None and not is_sdcli_file(from_):
         a1111 = read_a1111(from_)
         for line in a1111.warnings:

@@ -77,7 +77,7 @@ def read_header(path: Path, file: BinaryIO | None = None) -> dict[str, TensorInf
             raw = f.read(length)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read weights: {exc.strerror or exc}") from None
-    header = _parse_header(path, raw)
+    header, _ = _parse_header(path, raw)
     table: dict[str, TensorInfo] = {}
     for key, entry in header.items():
         checked = _check_entry(entry)
@@ -91,11 +91,16 @@ def read_header(path: Path, file: BinaryIO | None = None) -> dict[str, TensorInf
 
 def weights_problem(path: Path) -> str | None:
     """Why the weights at `path` would not load (the one-line error, a missing file's included), or None when
-    they look loadable: cheap enough for a listing, so a .safetensors header is checked against the file, and
-    a pickle only for being a non-empty file, since unpickling one can run code."""
+    they look loadable: cheap enough for a listing, so a .safetensors header is checked against the file (each
+    one of a diffusers folder), and a pickle only for being a non-empty file, since unpickling one can run code."""
     path = Path(path)
     try:
-        if not is_pickle(path):
+        if path.is_dir():
+            from sdcli.weights import open_tensors  # torch, only for a folder
+
+            with open_tensors(path):
+                pass
+        elif not is_pickle(path):
             read_header(path)
         elif not path.is_file():
             raise CheckpointError(f"weights file not found: {path}")
@@ -108,8 +113,8 @@ def weights_problem(path: Path) -> str | None:
     return None
 
 
-def _parse_header(path: Path, raw: bytes) -> dict:
-    """The header's tensor entries, its (checked) metadata dropped; strict UTF-8 JSON, as safetensors reads it."""
+def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict[str, str]]:
+    """The header's tensor entries and its (checked) metadata; strict UTF-8 JSON, as safetensors reads it."""
     corrupt = f"{path}: corrupt safetensors header"
     problem = _nesting_problem(raw)
     if problem is not None:
@@ -123,7 +128,14 @@ def _parse_header(path: Path, raw: bytes) -> dict:
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise CheckpointError(f"{corrupt} (__metadata__ is not a table of text)")
-    return header
+    return header, metadata or {}
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """A .safetensors file's `__metadata__` text table (trainers keep LoRA settings there); {} when it has none."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return _parse_header(path, f.read(length))[1]
 
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
@@ -254,12 +266,18 @@ def detect_family(shapes: dict[str, tuple[int, ...]]) -> Family | None:
     return None
 
 
+# the bundled config of a family's epsilon-predicting twin, which a diffusers folder's scheduler config can name
+EPSILON_CONFIGS = {"sd21-v": "sd21-base"}
+
+
 def config_for_weights(path: Path, *, allow_pickle: bool = False) -> str:
-    """The bundled config that renders a checkpoint, from its keys: what `--weights FILE` without
-    `--config` means. A file of a family sdcli does not render is a clear error naming what it looks like."""
-    if is_pickle(path):
+    """The bundled config that renders a checkpoint (file or diffusers folder), from its keys: what `--weights`
+    without `--config` means. Weights of a family sdcli does not render are a clear error naming what they look
+    like."""
+    path = Path(path)
+    if is_pickle(path) or path.is_dir():
         check_pickle_allowed(path, allow_pickle)
-        from sdcli.weights import open_tensors  # torch, only for a pickle
+        from sdcli.weights import open_tensors  # torch, only for a pickle or a folder
 
         with open_tensors(path, allow_pickle=True) as tensors:
             shapes = tensors.shapes
@@ -273,6 +291,11 @@ def config_for_weights(path: Path, *, allow_pickle: bool = False) -> str:
         )
     if family.config is None:
         raise CheckpointError(f"{path}: this looks like {family.description}")
+    if path.is_dir() and family.config in EPSILON_CONFIGS:
+        from sdcli.diffusers_layout import prediction_type
+
+        if prediction_type(path) == "epsilon":
+            return EPSILON_CONFIGS[family.config]
     return family.config
 
 

@@ -24,6 +24,7 @@ from sdcli.checkpoint import config_for_weights, weights_problem
 from sdcli.config import SAMPLERS, bundled_config_names, find_weights, load_config, user_config_dir
 from sdcli.distributed import current_shard, shard_device, share
 from sdcli.errors import CheckpointError, ConfigError, RequestError, SdcliError, Terminated
+from sdcli.extra_networks import Library
 from sdcli.jobs import MAX_COUNT, Item, derived_seed, next_index, plan, read_items
 from sdcli.outputs import (
     DEFAULT_NAME,
@@ -31,6 +32,7 @@ from sdcli.outputs import (
     check_name_template,
     read_metadata,
     recorded_config,
+    recorded_vae,
     recorded_weights,
 )
 from sdcli.progress import Reporter
@@ -150,6 +152,32 @@ Config = Annotated[
 Weights = Annotated[
     str | None, typer.Option("--weights", "-w", metavar="FILE", help="Weights instead of the config's.")
 ]
+Vae = Annotated[
+    str | None,
+    typer.Option("--vae", metavar="FILE", help="Decode with this VAE (file or diffusers folder), not the model's."),
+]
+Loras = Annotated[
+    list[str] | None,
+    typer.Option("--lora", metavar="FILE[:W]", help="A LoRA merged at weight W (default 1); repeatable."),
+]
+LoraDirs = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--lora-dir", metavar="DIR",
+        help="Where <lora:NAME:W> tags are looked up first; then $SDCLI_HOME/loras and weights/loras.",
+    ),
+]  # fmt: skip
+Embeddings = Annotated[
+    list[str] | None,
+    typer.Option("--embedding", metavar="FILE", help="A textual-inversion file, used where its name is in a prompt."),
+]
+EmbeddingDirs = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--embedding-dir", metavar="DIR",
+        help="Embeddings to look up by name first; then $SDCLI_HOME/embeddings and weights/embeddings.",
+    ),
+]  # fmt: skip
 Device = Annotated[str | None, typer.Option(metavar="DEVICE", help="auto, cpu, cuda, cuda:N or mps. [default: auto]")]
 Dtype = Annotated[
     DType | None,
@@ -199,7 +227,8 @@ Compile = Annotated[
 
 
 def _run_settings(
-    *, weights, device, dtype, threads, out, name, batch_size, overwrite, resume, fail_fast, allow_pickle, compile_,
+    *, weights, vae, device, dtype, threads, out, name, batch_size, overwrite, resume, fail_fast, allow_pickle,
+    compile_,
 ) -> Run:  # fmt: skip
     """Check what can be checked without the model, so a typo fails before a multi-GB load."""
     if device is not None and not DEVICE_PATTERN.fullmatch(device):
@@ -207,8 +236,8 @@ def _run_settings(
     if name is not None:
         check_name_template(name)
     return Run(
-        out=out, weights=weights, device=device or "auto", dtype=dtype.value if dtype else "auto", threads=threads,
-        batch_size=batch_size or BATCH_SIZE, overwrite=overwrite, resume=resume, fail_fast=fail_fast,
+        out=out, weights=weights, vae=vae, device=device or "auto", dtype=dtype.value if dtype else "auto",
+        threads=threads, batch_size=batch_size or BATCH_SIZE, overwrite=overwrite, resume=resume, fail_fast=fail_fast,
         allow_pickle=allow_pickle, compile=compile_,
     )  # fmt: skip
 
@@ -241,6 +270,11 @@ def generate(
     ] = None,
     config: Config = None,
     weights: Weights = None,
+    vae: Vae = None,
+    loras: Loras = None,
+    lora_dirs: LoraDirs = None,
+    embeddings: Embeddings = None,
+    embedding_dirs: EmbeddingDirs = None,
     device: Device = None,
     dtype: Dtype = None,
     threads: Threads = None,
@@ -272,6 +306,7 @@ def generate(
         device = device or recorded.get("device")
         dtype = dtype or (DType(recorded["dtype"]) if recorded.get("dtype") in DType.__members__ else None)
         threads = threads or recorded.get("threads")
+        vae = vae or recorded_vae(recorded)
         compile_ = compile_ or recorded.get("compile") is True
     elif prompt is None:
         raise RequestError("give a PROMPT, or --from IMAGE.png to re-render one (see 'sdcli generate --help')")
@@ -297,12 +332,16 @@ def generate(
     if from_ is not None and a1111 is None and weights is None:
         weights = recorded_weights(recorded, model)
     run = _run_settings(
-        weights=weights, device=device, dtype=dtype, threads=threads, out=out, name=name, batch_size=batch_size,
-        overwrite=overwrite, resume=False, fail_fast=fail_fast, allow_pickle=allow_pickle, compile_=compile_,
+        weights=weights, vae=vae, device=device, dtype=dtype, threads=threads, out=out, name=name,
+        batch_size=batch_size, overwrite=overwrite, resume=False, fail_fast=fail_fast, allow_pickle=allow_pickle,
+        compile_=compile_,
     )  # fmt: skip
     items = [Item("", 0, values)]
     seeds = lambda _: secrets.randbelow(SEED_RANGE)  # noqa: E731
-    planned = plan(items, _given(options, ITEM_ONLY_TYPES), model, seed_for=seeds, first_index=next_index(run.out))
+    library = Library(tuple(lora_dirs or ()), tuple(embedding_dirs or ()))
+    planned = plan(
+        items, _given(options, ITEM_ONLY_TYPES), model, seed_for=seeds, first_index=next_index(run.out), library=library
+    )
     _run(Job(model, planned, run, recorded, str(from_ or "")), quiet=quiet, json_lines=json_out)
 
 
@@ -311,7 +350,7 @@ def _model(config: str | None, weights: str | None, allow_pickle: bool):
     else the demo model."""
     if config is None and weights is not None:
         path = find_weights(weights)
-        if not path.is_file():
+        if not path.exists():
             raise CheckpointError(f"weights file not found: {path}")
         config = config_for_weights(path, allow_pickle=allow_pickle)
     return load_config(config or DEFAULT_CONFIG)
@@ -352,6 +391,11 @@ def batch(
     count: Count = None,
     config: Config = None,
     weights: Weights = None,
+    vae: Vae = None,
+    loras: Loras = None,
+    lora_dirs: LoraDirs = None,
+    embeddings: Embeddings = None,
+    embedding_dirs: EmbeddingDirs = None,
     device: Device = None,
     dtype: Dtype = None,
     threads: Threads = None,
@@ -375,14 +419,16 @@ def batch(
     """Render every prompt of FILE (items may override the options); a rerun skips finished images."""
     options = dict(locals())
     run = _run_settings(
-        weights=weights, device=device, dtype=dtype, threads=threads, out=out, name=name, batch_size=batch_size,
-        overwrite=overwrite, resume=True, fail_fast=fail_fast, allow_pickle=allow_pickle, compile_=compile_,
+        weights=weights, vae=vae, device=device, dtype=dtype, threads=threads, out=out, name=name,
+        batch_size=batch_size, overwrite=overwrite, resume=True, fail_fast=fail_fast, allow_pickle=allow_pickle,
+        compile_=compile_,
     )  # fmt: skip
     part = current_shard(shard)
     items = read_items(file)
     model = _model(config, weights, allow_pickle)
     given = _given(options, (key for key in item_types() if key != "prompt"))
-    planned = share(plan(items, given, model, seed_for=derived_seed), part, run.batch_size)
+    library = Library(tuple(lora_dirs or ()), tuple(embedding_dirs or ()))
+    planned = share(plan(items, given, model, seed_for=derived_seed, library=library), part, run.batch_size)
     run = dataclasses.replace(run, device=shard_device(run.device, part))
     _run(Job(model, planned, run), quiet=quiet, json_lines=json_out, label=part.label if part.count > 1 else "")
 
@@ -423,6 +469,25 @@ def models(
         else:
             why = f"  ({row['error']})" if "error" in row else ""
             print(f"{row['name']:<16} {row['state']:<8} {row['source']:<8} {row['weights']}  {row['description']}{why}")
+
+
+@app.command()
+def loras(
+    lora_dirs: LoraDirs = None,
+    embedding_dirs: EmbeddingDirs = None,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per file on stdout.")] = False,
+) -> None:
+    """List the LoRAs that <lora:NAME> tags find and the embeddings that prompts can name."""
+    from sdcli.extra_networks import describe
+
+    library = Library(tuple(lora_dirs or ()), tuple(embedding_dirs or ()))
+    for kind, found in (("lora", library.loras), ("embedding", library.embeddings)):
+        for _, path in sorted(found.items()):
+            row = {"kind": kind, "name": path.stem, "file": str(path), "what": describe(path)}
+            if json_out:
+                print(json.dumps(row, ensure_ascii=False))
+            else:
+                print(f"{kind:<10} {path.stem:<24} {row['what']}  {path}")
 
 
 @app.command()

@@ -149,6 +149,7 @@ class ModelConfig:
     defaults: Defaults
     conditioning: ConditioningConfig = ConditioningConfig()
     description: str = ""
+    vae_weights: str | None = None  # a separate VAE file to decode with (as `weights` is searched), else the model's
     source: Path | None = field(default=None, compare=False)  # the YAML file it came from
 
     def resolve_weights(self, override: str | os.PathLike | None = None) -> Path:
@@ -159,6 +160,12 @@ class ModelConfig:
         if override is not None:
             return find_weights(override)
         return find_weights(self.weights, self.source)
+
+    def resolve_vae(self, override: str | os.PathLike | None = None) -> Path | None:
+        """The separate VAE file: `override`, else the config's, else None (the checkpoint's own VAE)."""
+        if override is not None:
+            return find_weights(override)
+        return None if self.vae_weights is None else find_weights(self.vae_weights, self.source)
 
 
 def find_weights(raw: str | os.PathLike, config_source: Path | None = None) -> Path:
@@ -279,10 +286,14 @@ def bundled_config_names() -> list[str]:
     return sorted(p.stem for p in bundled_config_dir().glob("*.yaml"))
 
 
-def user_config_dir() -> Path:
-    """User configs live in $SDCLI_HOME/configs (default ~/.config/sdcli/configs)."""
+def sdcli_home() -> Path:
+    """$SDCLI_HOME (default ~/.config/sdcli): user configs, LoRAs and embeddings live in folders under it."""
     home = os.environ.get("SDCLI_HOME") or Path(os.environ.get("XDG_CONFIG_HOME", "~/.config")) / "sdcli"
-    return Path(home).expanduser() / "configs"
+    return Path(home).expanduser()
+
+
+def user_config_dir() -> Path:
+    return sdcli_home() / "configs"
 
 
 def find_config(name_or_path: str) -> Path:

@@ -45,6 +45,25 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def sha256_of(path: Path) -> str:
+    """A weights file's SHA-256; for a diffusers folder, the SHA-256 of its files' names and hashes, so the
+    folder is named by its bytes as a single file is."""
+    from sdcli.diffusers_layout import weight_files  # torch: only a run hashes
+
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    lines = (f"{p.relative_to(path).as_posix()} {sha256_file(p)}\n" for p in weight_files(path))
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def is_hashed(path: Path) -> bool:
+    """Whether `sha256_of(path)` is answered from the cache (else the user is told it may take a while)."""
+    from sdcli.diffusers_layout import weight_files
+
+    return all(cached_sha256(p) is not None for p in weight_files(path))
+
+
 def file_stamp(path: Path) -> list[int]:
     """Size and modification time: a changed file gets a new stamp (JSON lists, to compare after a reload)."""
     stat = path.stat()

@@ -133,8 +133,8 @@ FIELDS: dict[str, Rule] = {
     "Variation seed": _unsupported("sdcli mixes in no variation noise"),
     "Variation seed strength": _unsupported("sdcli mixes in no variation noise", 0.0),
     "Seed resize from": _unsupported("sdcli does not resize the noise of another size", "-1x-1"),
-    "Lora hashes": _unsupported("LoRA is not supported yet; the image had these LoRAs"),
-    "TI hashes": _unsupported("textual-inversion embeddings are not supported; their names are plain words"),
+    "Lora hashes": _info("the prompt's <lora:NAME:WEIGHT> tags name the files, looked up in the LoRA folders"),
+    "TI hashes": _info("the embeddings' names in the prompts name the files, looked up in the embedding folders"),
     "Hypernet": _unsupported("hypernetworks are not supported"),
     "Hypernet hash": _unsupported("hypernetworks are not supported"),
     "Hypernet strength": _unsupported("hypernetworks are not supported"),
@@ -197,8 +197,6 @@ SAMPLER_ALIASES = {"PNDM": "PLMS"}
 # A1111's backward-compatibility thresholds (infotext_versions.py): an image of an older version was rendered
 # with old behaviour that A1111 switches back on when it pastes the infotext.
 V160, V170_TSNR = (1, 6, 0, 0), (1, 7, 0, 226)  # 1.6.0; 1.7.0-225 (a post release: rank 225 + 1)
-# A1111's re_extra_net (<(\w+):([^>]+)>, e.g. <lora:name:0.8>), bounded and stopping at '<' so it scans linearly
-EXTRA_NETWORK = re.compile(r"<(\w{1,64}):([^<>]{1,300})>")
 
 
 @dataclass(frozen=True)
@@ -406,13 +404,6 @@ def request_values(info: Infotext) -> tuple[dict, list[str]]:
     if emphasis == "None" and "BREAK" in info.prompt + info.negative:
         warnings.add("Emphasis 'None' with BREAK: A1111 still splits there; sdcli's plain syntax reads the word")
     _version_notes(info, warnings)
-    tags = [m.group(0) for text in (info.prompt, info.negative) for m in EXTRA_NETWORK.finditer(text)]
-    if tags:
-        more = f" and {len(tags) - 1} more" if len(tags) > 1 else ""
-        warnings.add(
-            f"prompt {clip(tags[0], VALUE_CHARS)}{more}: extra networks (LoRA, hypernetworks) are not "
-            "supported; A1111 removed these tags from the text it encoded, sdcli does not"
-        )
     return values, warnings.result()
 
 

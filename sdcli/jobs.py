@@ -20,8 +20,9 @@ import yaml
 
 from sdcli.config import ModelConfig, _suggest
 from sdcli.errors import RequestError
+from sdcli.extra_networks import Library, embeddings_in, locate, take_lora_tags
 from sdcli.outputs import DEFAULT_NAME, config_reference, load_existing, name_stem, recipe
-from sdcli.request import ITEM_ONLY_TYPES, Request, build_request, check_request, item_types
+from sdcli.request import ITEM_ONLY_TYPES, Request, build_request, check_request, file_uses, item_types
 from sdcli.text_limits import clip
 
 T = TypeVar("T", "Planned", "Target")
@@ -77,11 +78,12 @@ def read_items(source: str) -> list[Item]:
     except OSError as exc:
         raise RequestError(f"{source}: cannot read: {exc.strerror or exc}") from None
     name = "<stdin>" if source == "-" else source
+    base = Path.cwd() if source == "-" else path.absolute().parent  # an item's files are beside the prompt file
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        items = _jsonl_items(text, name)
+        items = _jsonl_items(text, name, base)
     elif suffix in (".yaml", ".yml", ".json"):
-        items = _yaml_items(text, name)
+        items = _yaml_items(text, name, base)
     else:
         items = _text_items(text, name)
     if not items:
@@ -99,7 +101,7 @@ def _text_items(text: str, name: str) -> list[Item]:
     return items
 
 
-def _jsonl_items(text: str, name: str) -> list[Item]:
+def _jsonl_items(text: str, name: str, base: Path) -> list[Item]:
     """A JSON object (or a bare JSON string, the prompt) a line; blank lines are skipped."""
     items = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -112,7 +114,7 @@ def _jsonl_items(text: str, name: str) -> list[Item]:
             raise RequestError(f"{where}: not valid JSON: {getattr(exc, 'msg', exc)}") from None
         except RecursionError:
             raise RequestError(f"{where}: not valid JSON: nested too deeply") from None
-        items.append(make_item(value, where, len(items)))
+        items.append(make_item(value, where, len(items), base))
     return items
 
 
@@ -198,7 +200,7 @@ def _yaml_error(exc: yaml.YAMLError, name: str) -> RequestError:
     return RequestError(f"{name}{line}: not valid YAML: {clip(problem, 160, quote=False)}")
 
 
-def _yaml_items(text: str, name: str) -> list[Item]:
+def _yaml_items(text: str, name: str, base: Path) -> list[Item]:
     """A YAML (or JSON) list whose entries are prompts or mappings. The text is parsed once into nodes, which
     keep line numbers and are checked before values are built from them."""
     try:
@@ -218,13 +220,14 @@ def _yaml_items(text: str, name: str) -> list[Item]:
     except RecursionError:
         raise RequestError(f"{name}: not valid YAML: nested too deeply") from None
     return [
-        make_item(value, f"{name}:{node.start_mark.line + 1}", i)
+        make_item(value, f"{name}:{node.start_mark.line + 1}", i, base)
         for i, (node, value) in enumerate(zip(root.value, data, strict=True))
     ]
 
 
-def make_item(value: Any, where: str, position: int) -> Item:
-    """Check one entry: a prompt, or a mapping of known keys with values of the right type."""
+def make_item(value: Any, where: str, position: int, base: Path | None = None) -> Item:
+    """Check one entry: a prompt, or a mapping of known keys with values of the right type; the files it
+    lists are taken from `base` (the prompt file's folder) when relative."""
     if isinstance(value, str):
         value = {"prompt": value}
     if not isinstance(value, dict):
@@ -237,10 +240,13 @@ def make_item(value: Any, where: str, position: int) -> Item:
                 f"{where}: unknown key {clip(str(key))}{_suggest(str(key), ITEM_TYPES)}; keys: {', '.join(ITEM_TYPES)}"
             )
         if isinstance(raw, bool) or not isinstance(raw, (int, float) if kind is float else kind):
-            expected = {str: "text", int: "an integer", float: "a number"}[kind]
+            expected = {str: "text", int: "an integer", float: "a number", list: "a list of files"}[kind]
             shown = clip(json.dumps(raw, default=str), quote=False)
             raise RequestError(f"{where}: '{key}' must be {expected}, got {shown}")
-        values[key] = float(raw) if kind is float else raw
+        try:
+            values[key] = float(raw) if kind is float else file_uses(raw, key, base) if kind is list else raw
+        except RequestError as exc:
+            raise RequestError(f"{where}: {exc}") from None
     if not values.get("prompt", "").strip():
         raise RequestError(f"{where}: the item has no prompt")
     if not 1 <= values.get("count", 1) <= MAX_COUNT:
@@ -261,9 +267,12 @@ def plan(
     *,
     seed_for: Callable[[Item], int],
     first_index: int = 0,
+    library: Library | None = None,
 ) -> list[Planned]:
     """Planned images of all items: an item's value, else the command line's, else the config's default.
-    Image i of an item with seed S gets seed S+i."""
+    Image i of an item with seed S gets seed S+i. The prompt's LoRA tags and embedding names are looked up
+    in `library` (the default folders when None)."""
+    library = library or Library()
     planned: list[Planned] = []
     owners: dict[str, str] = {}
     for item in items:
@@ -276,6 +285,7 @@ def plan(
             given = {key: value for key, value in merged.items() if key not in ITEM_ONLY_TYPES}
             request = build_request({**given, "prompt": item.values["prompt"], "seed": base + i}, config)
             try:
+                request = _with_networks(request, library)
                 check_request(request, config)
                 stem = name_stem(template, request, index=first_index + len(planned), config=config_reference(config))
             except RequestError as exc:
@@ -289,6 +299,17 @@ def plan(
             owners[stem] = item.where
             planned.append(Planned(item.where, first_index + len(planned), request, stem, template))
     return planned
+
+
+def _with_networks(request: Request, library: Library) -> Request:
+    """The request with its prompt's LoRA tags moved to `loras`, and `embeddings` the embedding files whose
+    names its texts use (those it listed first, then the library's)."""
+    prompt, tagged = take_lora_tags(request.prompt, request.negative, library)
+    loras = locate(request.loras + tagged, library.loras, "LoRA")
+    given = locate(request.embeddings, library.embeddings, "embedding")
+    listed = {Path(u.file).stem.lower(): Path(u.file) for u in given}
+    used = embeddings_in((prompt, request.negative), {**library.embeddings, **listed})
+    return dataclasses.replace(request, prompt=prompt, loras=loras, embeddings=used)
 
 
 def place(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import functools
 import glob
@@ -48,8 +49,11 @@ from PIL import Image, PngImagePlugin
 from sdcli import __version__
 from sdcli.config import ModelConfig, bundled_config_dir
 from sdcli.errors import RequestError
+from sdcli.extra_networks import lora_tag
 from sdcli.request import (
+    FileUse,
     Request,
+    file_fields,
     metadata_types,
     name_fields,
     recipe_keys,
@@ -104,7 +108,7 @@ def check_name_template(template: str) -> None:
             )
         if "{" in (spec or "") or any(int(n) > FORMAT_NUMBER_LIMIT for n in re.findall(r"\d+", spec or "")):
             raise RequestError(f"--name {clip(template)}: format spec {clip(spec, 40)} is not allowed")
-    sample = {"str": "x", "int": 0, "float": 1.0}
+    sample = {"str": "x", "int": 0, "float": 1.0, "list": ()}
     _format_stem(template, {name: sample[kind.__name__] for name, kind in request_types().items()} | {
         "index": 0, "slug": "x", "config": "x"})
 
@@ -152,9 +156,11 @@ def build_metadata(
     threads: int,
     vae_dtype: str | None = None,
     compiled: bool = False,
+    vae: tuple[Path, str] | None = None,
 ) -> dict[str, Any]:
     """Everything needed to re-render an image, in the order it is written."""
     meta: dict[str, Any] = {name: getattr(request, name) for name in request_fields()}
+    meta |= {name: [dataclasses.asdict(use) for use in meta[name]] for name in file_fields()}
     meta["guidance"] = float(request.guidance)
     meta["config"] = config_reference(config)
     if config.source is not None and config.source.resolve().parent != bundled_config_dir().resolve():
@@ -162,6 +168,7 @@ def build_metadata(
     meta |= {
         "weights": str(Path(weights).resolve()),
         "weights_sha256": weights_sha256,
+        **({"vae": str(Path(vae[0]).resolve()), "vae_sha256": vae[1]} if vae else {}),  # decoded with this VAE
         "device": device,
         "dtype": dtype,
         # the VAE's own when it differs: fp16 overflows in most SD VAEs, which then decode in fp32
@@ -182,23 +189,39 @@ def config_reference(config: ModelConfig) -> str:
 
 
 def recipe(meta: dict[str, Any]) -> tuple:
-    return tuple(meta.get(key) for key in recipe_keys())
+    """What makes two images the same: the recipe's values, a file by its name, weight and hash (not where
+    it lies)."""
+    return tuple(_used_files(meta.get(key)) if key in file_fields() else meta.get(key) for key in recipe_keys())
+
+
+def _used_files(uses: Any) -> tuple | None:
+    if not uses:
+        return ()
+    if not isinstance(uses, (list, tuple)) or not all(isinstance(u, (dict, FileUse)) for u in uses):
+        return None
+    as_dicts = [dataclasses.asdict(u) if isinstance(u, FileUse) else u for u in uses]
+    return tuple((Path(str(u.get("file"))).name, u.get("weight"), u.get("sha256")) for u in as_dicts)
 
 
 def shareable(meta: dict[str, Any]) -> dict[str, Any]:
     """The metadata that travels inside the PNG: absolute paths (which name the user's home) become the
     file's name; `--from` finds the weights again by config, name and hash."""
     shared = {key: value for key, value in meta.items() if key not in LOCAL_ONLY}
-    return {**shared, "weights": Path(meta["weights"]).name} if "weights" in meta else shared
+    for key in file_fields():
+        if isinstance(shared.get(key), list):
+            shared[key] = [{**u, "file": Path(u["file"]).name} if isinstance(u, dict) else u for u in shared[key]]
+    names = {key: Path(meta[key]).name for key in ("weights", "vae") if isinstance(meta.get(key), str)}
+    return {**shared, **names}
 
 
 def infotext(meta: dict[str, Any]) -> str:
     """The `parameters` text that AUTOMATIC1111-style tools read: prompt, negative, then settings."""
-    lines = [meta["prompt"]]
+    recipe = recorded_values(meta)  # an older sidecar's meta lacks the newer fields
+    # A1111 keeps the tags in the prompt text and reads the LoRAs back from them
+    lines = [" ".join([meta["prompt"], *(lora_tag(use) for use in recipe["loras"])])]
     if meta["negative"]:
         lines.append(f"Negative prompt: {meta['negative']}")
     spec = SAMPLER_SPECS[meta["sampler"]]
-    recipe = recorded_values(meta)  # an older sidecar's meta lacks the newer fields
     settings = {
         "Steps": meta["steps"],
         "Sampler": spec.a1111_name,
@@ -211,12 +234,20 @@ def infotext(meta: dict[str, Any]) -> str:
         "Emphasis": "None" if recipe["prompt_syntax"] == "plain" else None,
         "Model hash": meta["weights_sha256"][:10],  # A1111's "AutoV2" short hash
         "Model": Path(meta["weights"]).stem,
+        "VAE hash": meta["vae_sha256"][:10] if meta.get("vae_sha256") else None,
+        "VAE": Path(meta["vae"]).name if meta.get("vae") else None,
+        "Lora hashes": _short_hashes(recipe["loras"]),  # A1111's 12-digit "shorthash" of each file
+        "TI hashes": _short_hashes(recipe["embeddings"]),
         "RNG": "CPU",  # the noise comes from a CPU generator; A1111 assumes GPU noise without this
     }  # no "Version": A1111 reads any version it cannot parse as an old one of its own and turns on its
     # backward-compatibility options (docs/metadata.md); sdcli's own is in the sdcli chunk
     pairs = (f"{key}: {_quote(str(value))}" for key, value in settings.items() if value is not None)
     lines.append(", ".join(pairs))
     return "\n".join(lines)
+
+
+def _short_hashes(uses: tuple[FileUse, ...]) -> str | None:
+    return ", ".join(f"{Path(u.file).stem}: {u.sha256[:12]}" for u in uses) or None
 
 
 def _quote(text: str) -> str:
@@ -561,3 +592,13 @@ def recorded_weights(recorded: dict[str, Any], config: ModelConfig) -> str | Non
         if found.is_file():
             return str(found)
     return None
+
+
+def recorded_vae(recorded: dict[str, Any]) -> str | None:
+    """The separate VAE an image was decoded with: the sidecar's path when it is there, else its name as the
+    weights are looked up (a missing one is then the runner's one-line error); None when it had none."""
+    raw = recorded.get("vae")
+    if not isinstance(raw, str) or not raw:
+        return None
+    path = Path(raw)
+    return raw if path.is_absolute() and path.exists() else path.name

@@ -161,18 +161,19 @@ class Pipeline:
     @classmethod
     def load(
         cls, config: ModelConfig, weights: Path | None = None, device: str = "auto", dtype: str = "auto",
-        *, compile: bool = False, allow_pickle: bool = False,
+        *, compile: bool = False, allow_pickle: bool = False, vae: Path | None = None,
     ) -> Pipeline:  # fmt: skip
         """Build the three networks straight from the weights file, in their final dtype and device; `compile`
         runs the U-Net through torch.compile (slow first call, cached on disk for the next process); a pickle
-        checkpoint loads only with `allow_pickle`, and then without running its code."""
+        checkpoint loads only with `allow_pickle`, and then without running its code; `vae` is a separate VAE
+        file (or diffusers folder) to decode with instead of the checkpoint's."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         path = Path(weights) if weights is not None else config.resolve_weights()
         unet_layout, vae_layout = layouts(torch_device, torch_dtype)
         nets = load_components(
             config, path, torch_device, torch_dtype, allow_pickle=allow_pickle, unet_layout=unet_layout,
-            vae_layout=vae_layout,
+            vae_layout=vae_layout, vae=vae,
         )  # fmt: skip
         return cls(config, path, nets, torch_device, torch_dtype, compile=compile)
 

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sdcli.config import ModelConfig, _suggest
@@ -22,12 +23,66 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts any unsigned 64-bit 
 MAX_SIDE_FACTOR = 4  # a side may be this many times the model's default: SD repeats itself well before
 # How prompt text becomes tokens: A1111's emphasis, BREAK and 75-token chunks; or diffusers' literal text cut at 75.
 PROMPT_SYNTAXES = ("a1111", "plain")
+MAX_LORA_WEIGHT = 10.0  # far past any useful strength (A1111 users stay within about -2..2): beyond it, a typo
 MAX_PROMPT_CHARS = 20_000  # some 5000 tokens, 66 chunks: far past any prompt, short of a hostile one's cost
 
 
 def _shared(**meta: Any) -> dict[str, Any]:
     """A field that images must agree on to share one U-Net call."""
     return {"shared": True, **meta}
+
+
+@dataclass(frozen=True)
+class FileUse:
+    """A file an image is rendered with besides the model (a LoRA at a weight, an embedding): its absolute
+    path, the weight, and its SHA-256 once the job has hashed it, so a recipe names the bytes, not the name."""
+
+    file: str
+    weight: float = 1.0
+    sha256: str = ""
+
+
+FILE_USE_KEYS = {"file", "weight", "sha256"}
+MAX_FILE_USES = 64  # LoRAs or embeddings per image; more is a runaway list, not a recipe
+
+
+def file_uses(raw: Any, key: str, base: Path | None = None) -> tuple[FileUse, ...]:
+    """A list of files as a recipe holds it: FileUse values, or JSON/YAML items, each "FILE", "FILE:WEIGHT"
+    or {"file": ..., "weight": ..., "sha256": ...}; relative paths are taken from `base` (a prompt file's
+    folder), else the working folder."""
+    if isinstance(raw, tuple) and all(isinstance(u, FileUse) for u in raw):
+        return raw
+    if not isinstance(raw, list) or len(raw) > MAX_FILE_USES:
+        raise RequestError(f"'{key}' must be a list of at most {MAX_FILE_USES} files")
+    uses = []
+    for entry in raw:
+        if isinstance(entry, str):
+            file, weight = split_weight(entry, key)
+            sha = ""
+        elif isinstance(entry, dict) and isinstance(entry.get("file"), str) and set(entry) <= FILE_USE_KEYS:
+            file, weight, sha = entry["file"], entry.get("weight", 1.0), entry.get("sha256", "")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not isinstance(sha, str):
+                raise RequestError(f"'{key}': weight must be a number and sha256 text")
+        else:
+            raise RequestError(f"'{key}': each entry must be \"FILE[:WEIGHT]\" or {{file, weight}}")
+        path = Path(file).expanduser()
+        if not path.is_absolute():
+            path = (base or Path.cwd()) / path
+        uses.append(FileUse(str(path.absolute()), float(weight), sha))
+    return tuple(uses)
+
+
+def split_weight(text: str, what: str) -> tuple[str, float]:
+    """"FILE:WEIGHT" -> (FILE, WEIGHT); a suffix that is no number belongs to the name (weight 1)."""
+    name, sep, tail = text.rpartition(":")
+    if sep and name:
+        try:
+            return name, float(tail)
+        except ValueError:
+            pass
+    if not text:
+        raise RequestError(f"{what}: an empty file name")
+    return text, 1.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +102,10 @@ class Request:
     height: int = field(metadata=_shared(in_name=True))
     clip_skip: int = field(default=1, metadata={"in_name": True, "legacy": 1})  # A1111's numbering: 1 = last layer
     prompt_syntax: str = field(default="a1111", metadata={"legacy": "plain"})  # older sidecars meant diffusers'
+    # merged into the networks: images with different sets cannot share a U-Net call
+    loras: tuple[FileUse, ...] = field(default=(), metadata=_shared(legacy=()))
+    # textual-inversion files whose names the prompts use
+    embeddings: tuple[FileUse, ...] = field(default=(), metadata={"legacy": ()})
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one U-Net batch."""
@@ -57,12 +116,13 @@ class Request:
 ITEM_ONLY_TYPES: dict[str, type] = {"count": int, "name": str}
 # Sidecar keys beside the recipe: where the image came from and how it ran.
 PROVENANCE_TYPES: dict[str, type] = {
-    "config": str, "config_path": str, "weights": str, "weights_sha256": str, "device": str, "dtype": str,
+    "config": str, "config_path": str, "weights": str, "weights_sha256": str, "vae": str, "vae_sha256": str,
+    "device": str, "dtype": str,
     "vae_dtype": str, "threads": int, "batch_size": int, "compile": bool, "sdcli_version": str, "elapsed": float,
     "created": str,
 }  # fmt: skip
 # Metadata keys (with the request's) whose equality means the same image: resume skips an equal recipe.
-RECIPE_PROVENANCE = ("config", "weights_sha256")
+RECIPE_PROVENANCE = ("config", "weights_sha256", "vae_sha256")
 
 
 def request_fields() -> tuple[str, ...]:
@@ -71,9 +131,15 @@ def request_fields() -> tuple[str, ...]:
 
 @functools.cache
 def request_types() -> dict[str, type]:
-    """Each request field's type (str, int or float); computed once (planning asks per image)."""
+    """Each request field's type (str, int, float, or list for a list of files); computed once (planning
+    asks per image)."""
     hints = typing.get_type_hints(Request)
-    return {name: hints[name] for name in request_fields()}
+    return {name: list if typing.get_origin(hints[name]) is tuple else hints[name] for name in request_fields()}
+
+
+def file_fields() -> tuple[str, ...]:
+    """The request fields that list files (as FileUse)."""
+    return tuple(name for name, kind in request_types().items() if kind is list)
 
 
 def item_types() -> dict[str, type]:
@@ -106,7 +172,7 @@ def recorded_values(meta: dict[str, Any]) -> dict[str, Any]:
     values = {}
     for f in dataclasses.fields(Request):
         if f.name in meta:
-            values[f.name] = meta[f.name]
+            values[f.name] = file_uses(meta[f.name], f.name) if f.name in file_fields() else meta[f.name]
         elif "legacy" in f.metadata:
             values[f.name] = f.metadata["legacy"]
     return values
@@ -124,7 +190,8 @@ def build_request(values: dict[str, Any], config: ModelConfig) -> Request:
         elif f.default is not dataclasses.MISSING:
             chosen[f.name] = f.default
     types = request_types()
-    chosen = {k: float(v) if types[k] is float else v for k, v in chosen.items()}
+    convert = {float: lambda v, _: float(v), list: file_uses}
+    chosen = {k: convert[types[k]](v, k) if types[k] in convert else v for k, v in chosen.items()}
     return Request(**chosen)
 
 
@@ -159,6 +226,12 @@ def check_request(request: Request, config: ModelConfig) -> Request:
         raise RequestError(
             f"unknown prompt syntax '{request.prompt_syntax[:40]}'; valid: {', '.join(PROMPT_SYNTAXES)}"
         )
+    for use in request.loras:
+        if not -MAX_LORA_WEIGHT <= use.weight <= MAX_LORA_WEIGHT:
+            raise RequestError(
+                f"LoRA weight {use.weight:g} for {Path(use.file).name[:60]} is outside "
+                f"-{MAX_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g}"
+            )
     layers = min(text.layers for text in config.text)
     if not 1 <= request.clip_skip <= layers:
         raise RequestError(

@@ -35,6 +35,7 @@ from sdcli.outputs import (
     template_fields,
     write_pair,
 )
+from sdcli.request import FileUse, file_fields
 
 BATCH_SIZE = 4  # images per U-Net call: about 2x faster than one at a time on the CPU with the demo model
 NON_FINITE = "the image came out NaN or infinite (a numeric overflow)"
@@ -47,6 +48,7 @@ class Run:
 
     out: Path
     weights: str | None = None  # instead of the config's
+    vae: str | None = None  # a VAE file or folder instead of the config's (else the checkpoint's own)
     device: str = "auto"
     dtype: str = "auto"
     threads: int | None = None  # CPU threads; None picks by model size and free cores (sdcli.threads)
@@ -108,12 +110,12 @@ class Job:
 
 def run_job(job: Job, events: Events) -> Tally:
     """Render the job's images, reporting to `events`; raises SdcliError when an image failed."""
-    from sdcli.hashing import cached_sha256, sha256_file
+    from sdcli.hashing import is_hashed, sha256_of
 
     run, model = job.run, job.model
     _check_device(run.device)
     weights = model.resolve_weights(run.weights)
-    if not weights.is_file():
+    if not weights.exists():
         hint = "" if run.weights else f" (config '{model.name}'; put the file there or pass --weights)"
         raise CheckpointError(f"weights file not found: {weights}{hint}")
     check_pickle_allowed(weights, run.allow_pickle)
@@ -122,13 +124,15 @@ def run_job(job: Job, events: Events) -> Tally:
     tally = Tally()
     with _warnings_to(events), _sigterm_raises():
         stamp = _stamp(weights)
-        if cached_sha256(weights) is None:
+        if not is_hashed(weights):
             events.info(f"hashing {weights} (once per file)")
-        sha = sha256_file(weights)
+        sha = sha256_of(weights)
         if job.recorded and job.recorded.get("weights_sha256") not in (None, sha):
             events.warning(f"{weights} is not the weights file {job.source} was made with; the image will differ")
-        extra = {"config": config_reference(model), "weights_sha256": sha}
-        targets = place(job.planned, run.out, extra, overwrite=run.overwrite, resume=run.resume)
+        vae = _vae(job, events)
+        extra = {"config": config_reference(model), "weights_sha256": sha, "vae_sha256": vae[1] if vae else None}
+        planned = _hashed(job, events)
+        targets = place(planned, run.out, extra, overwrite=run.overwrite, resume=run.resume)
         todo = [t for t in targets if not t.done]
         for target in targets:
             if target.done:
@@ -138,7 +142,7 @@ def run_job(job: Job, events: Events) -> Tally:
         events.begin(len(todo))
         try:
             if todo:
-                _Renderer(job, events, tally, weights, sha, stamp).render(todo)
+                _Renderer(job, events, tally, weights, sha, stamp, vae).render(todo)
         except (KeyboardInterrupt, Terminated) as exc:
             events.summary(tally, "interrupted" if isinstance(exc, KeyboardInterrupt) else "terminated")
             raise
@@ -150,6 +154,52 @@ def run_job(job: Job, events: Events) -> Tally:
     if tally.failed:
         raise SdcliError(f"{tally.failed} of {len(todo)} images failed; the 'failed:' lines above say why")
     return tally
+
+
+def _vae(job: Job, events: Events) -> tuple[Path, str] | None:
+    """The separate VAE to decode with and its SHA-256 (of the weights file inside a diffusers folder)."""
+    from sdcli.hashing import is_hashed, sha256_of
+
+    path = job.model.resolve_vae(job.run.vae)
+    if path is None:
+        return None
+    if not path.exists():
+        raise CheckpointError(f"VAE file not found: {path}")
+    check_pickle_allowed(path, job.run.allow_pickle)
+    if not is_hashed(path):
+        events.info(f"hashing {path}")
+    sha = sha256_of(path)
+    if job.recorded.get("vae_sha256") not in (None, sha):
+        events.warning(f"{path} is not the VAE {job.source} was made with; the image will differ")
+    return path, sha
+
+
+def _hashed(job: Job, events: Events) -> list[Planned]:
+    """The planned images with the SHA-256 of every LoRA and embedding they use, so a recipe names bytes
+    (resume compares them); a pickle is refused here without --allow-pickle, before the model loads."""
+    from sdcli.hashing import cached_sha256, sha256_file
+
+    known: dict[str, str] = {}
+
+    def hashed(use: FileUse) -> FileUse:
+        if use.file not in known:
+            path = Path(use.file)
+            check_pickle_allowed(path, job.run.allow_pickle)
+            if cached_sha256(path) is None:
+                events.info(f"hashing {path}")
+            known[use.file] = sha256_file(path)
+        sha = known[use.file]
+        if use.sha256 and use.sha256 != sha:
+            made = job.source or "the recipe"
+            events.warning(f"{use.file} is not the file {made} was made with; the image will differ")
+        return dataclasses.replace(use, sha256=sha)
+
+    return [
+        dataclasses.replace(p, request=dataclasses.replace(
+            p.request, **{name: tuple(map(hashed, getattr(p.request, name))) for name in file_fields()}
+        ))
+        for p in job.planned
+    ]  # fmt: skip
 
 
 def _check_device(name: str) -> None:
@@ -165,9 +215,9 @@ def _check_device(name: str) -> None:
 class _Renderer:
     """Loads the model, renders the targets batch by batch and writes each image."""
 
-    def __init__(self, job: Job, events: Events, tally: Tally, weights: Path, sha: str, stamp):
+    def __init__(self, job: Job, events: Events, tally: Tally, weights: Path, sha: str, stamp, vae):
         self.job, self.run, self.events, self.tally = job, job.run, events, tally
-        self.weights, self.sha, self.stamp = weights, sha, stamp
+        self.weights, self.sha, self.stamp, self.vae = weights, sha, stamp, vae
 
     def render(self, todo: list[Target]) -> None:
         """Render the targets in U-Net batches and write each image as it is done. An image that fails (not
@@ -175,11 +225,19 @@ class _Renderer:
         out of memory is halved."""
         import torch
 
+        from sdcli.lora import LoraSets
+
         self.threads = _set_threads(self.run.threads, self.job.model, todo)
+        sets = list(dict.fromkeys(t.request.loras for t in todo))  # LoRA sets in job order
+        if self.run.compile and len(sets) > 1:
+            raise RequestError("--compile renders one LoRA set per job; this one has several (run them apart)")
         pipe = self._load()
-        queue = deque(batches(todo, self.run.batch_size))
+        loras = LoraSets(pipe.config, pipe.nets, sets, allow_pickle=self.run.allow_pickle)
+        order = {lora_set: i for i, lora_set in enumerate(sets)}
+        queue = deque(sorted(batches(todo, self.run.batch_size), key=lambda g: order[g[0].request.loras]))
         while queue:
             group = queue.popleft()
+            loras.use(group[0].request.loras)
             self.events.start_batch(len(group))
             try:
                 images = pipe.generate([t.request for t in group], self.events.step)
@@ -201,7 +259,7 @@ class _Renderer:
                 meta = build_metadata(
                     target.request, config=pipe.config, weights=pipe.weights, weights_sha256=self.sha,
                     device=pipe.device_name, dtype=pipe.dtype_name, vae_dtype=pipe.vae_dtype_name, threads=self.threads,
-                    batch_size=len(group), elapsed=seconds, compiled=self.run.compile,
+                    batch_size=len(group), elapsed=seconds, compiled=self.run.compile, vae=self.vae,
                 )  # fmt: skip
                 self._write(target, image, meta)
 
@@ -212,7 +270,7 @@ class _Renderer:
         self.events.info(f"loading {self.job.model.name} from {self.weights}")
         pipe = Pipeline.load(
             self.job.model, self.weights, device=self.run.device, dtype=self.run.dtype,
-            allow_pickle=self.run.allow_pickle, compile=self.run.compile,
+            allow_pickle=self.run.allow_pickle, compile=self.run.compile, vae=self.vae[0] if self.vae else None,
         )  # fmt: skip
         if _stamp(self.weights) != self.stamp:
             raise CheckpointError(
@@ -270,11 +328,12 @@ def _set_threads(requested: int | None, model: ModelConfig, todo: list[Target]) 
 
 
 def _stamp(weights: Path) -> list[int] | None:
-    """Size and modification time of the weights, None when the file is gone."""
+    """Size and modification time of the weights (of each file of a diffusers folder), None when gone."""
+    from sdcli.diffusers_layout import weight_files
     from sdcli.hashing import file_stamp
 
     try:
-        return file_stamp(weights)
+        return [n for f in weight_files(weights) for n in file_stamp(f)]
     except OSError:
         return None
 

@@ -1,4 +1,5 @@
-"""Build the three networks without initialising them, then fill them from a single-file checkpoint.
+"""Build the three networks without initialising them, then fill them from a single-file checkpoint (or a
+diffusers folder, which sdcli.diffusers_layout presents as one).
 
 Networks are made on the meta device (no memory, no random init) and every tensor is read from the file
 in slices of whole rows through one small reused buffer, each slice cast straight into the tensor's final
@@ -20,7 +21,7 @@ import pickle
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ from sdcli.checkpoint import (
     read_header,
     text_prefix,
 )
-from sdcli.config import ModelConfig
+from sdcli.config import ModelConfig, TextConfig
 from sdcli.errors import CheckpointError
 from sdcli.nets.text import TextEncoder, hf_clip_key_shapes, hf_clip_to_open_clip
 from sdcli.nets.unet import UNet
@@ -117,8 +118,15 @@ class Tensors:
 
 @contextmanager
 def open_tensors(path: Path, *, allow_pickle: bool = False) -> Iterator[Tensors]:
-    """The tensors of a .safetensors file, or of a pickle checkpoint when `allow_pickle`."""
+    """The tensors of a .safetensors file, of a pickle checkpoint when `allow_pickle`, or of a diffusers folder
+    under the names of its family's single file."""
     path = Path(path)
+    if path.is_dir():
+        from sdcli.diffusers_layout import open_folder  # it reads each component through this function
+
+        with open_folder(path, allow_pickle=allow_pickle) as tensors:
+            yield tensors
+        return
     check_pickle_allowed(path, allow_pickle)
     if is_pickle(path):
         yield _pickle_tensors(path)
@@ -199,20 +207,25 @@ def _pickle_tensors(path: Path) -> Tensors:
 class _Reader:
     """Reads tensors by name from an open checkpoint, checking shapes and casting on the way."""
 
-    def __init__(self, tensors: Tensors, cast: Cast):
+    def __init__(self, tensors: Tensors, cast: Cast, hint: str | None = None):
         self.path, self.tensors, self.table = tensors.path, tensors, tensors.shapes
         self.cast = cast
+        self.fixed_hint = hint  # what a mismatch suggests, when not the file's family
+
+    def hint(self) -> str:
+        if self.fixed_hint is not None:
+            return self.fixed_hint
+        family = describe_family(self.table)
+        return f"; the file looks like {family}" if family else ""
 
     def read(self, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         found = self.table.get(key)
         if found is None:
-            family = describe_family(self.table)
-            hint = f"; the file looks like {family}" if family else ""
-            raise CheckpointError(f"{self.path}: missing tensor '{key}'{hint}")
+            raise CheckpointError(f"{self.path}: missing tensor '{key}'{self.hint()}")
         if found != shape:
-            family = describe_family(self.table)
-            hint = f"; the file looks like {family}" if family else ""
-            raise CheckpointError(f"{self.path}: tensor '{key}' has shape {list(found)}, expected {list(shape)}{hint}")
+            raise CheckpointError(
+                f"{self.path}: tensor '{key}' has shape {list(found)}, expected {list(shape)}{self.hint()}"
+            )
         return self.tensors.fetch(key, self.cast)
 
     def under(self, prefix: str) -> Iterator[str]:
@@ -223,9 +236,7 @@ def _check_unexpected(reader: _Reader, prefix: str, expected, ignored=frozenset(
     """A tensor under a network's prefix that the network lacks means the config does not fit the file."""
     for name in reader.under(prefix):
         if name not in expected and name not in ignored:
-            family = describe_family(reader.table)
-            hint = f"; the file looks like {family}" if family else ""
-            raise CheckpointError(f"{reader.path}: unexpected tensor '{prefix}{name}' for this config{hint}")
+            raise CheckpointError(f"{reader.path}: unexpected tensor '{prefix}{name}' for this config{reader.hint()}")
 
 
 def _fill(module: nn.Module, reader: _Reader, prefix: str) -> None:
@@ -235,8 +246,24 @@ def _fill(module: nn.Module, reader: _Reader, prefix: str) -> None:
     module.load_state_dict(state, strict=True, assign=True)
 
 
-def _fill_text(text: TextEncoder, reader: _Reader, cfg) -> None:
+# where a text encoder's block N lives under its prefix, by layout
+TEXT_BLOCKS = {"hf_clip": "encoder.layers.{}.", "open_clip": "transformer.resblocks.{}."}
+
+
+def _blocks_stored(text: TextEncoder, reader: _Reader, cfg: TextConfig) -> TextConfig:
+    """`cfg`, cut to the blocks the encoder runs when the file holds none of the later ones (a diffusers SD 2.x
+    folder keeps 23 of OpenCLIP's 24, ending at the penultimate block SD 2 reads); the encoder is cut with it."""
+    prefix = text_prefix(cfg)
+    unrun = [prefix + TEXT_BLOCKS[cfg.layout].format(i) for i in range(text.blocks_run, cfg.layers)]
+    if not unrun or any(key.startswith(tuple(unrun)) for key in reader.table):
+        return cfg
+    text.transformer.resblocks = text.transformer.resblocks[: text.blocks_run]
+    return replace(cfg, layers=text.blocks_run)
+
+
+def _fill_text(text: TextEncoder, reader: _Reader, cfg: TextConfig) -> None:
     """One text encoder from its prefix; HF-named weights (SD 1.x, SDXL's CLIP-L) renamed to OpenCLIP's."""
+    cfg = _blocks_stored(text, reader, cfg)
     prefix = text_prefix(cfg)
     ignored = IGNORED_TEXT_KEYS - set(_shapes(text))  # a pooled encoder reads its text_projection
     if cfg.layout == "open_clip":
@@ -251,13 +278,25 @@ def _fill_text(text: TextEncoder, reader: _Reader, cfg) -> None:
     text.load_state_dict(state, strict=True, assign=True)
 
 
+def _fill_vae(vae: AutoencoderKL, tensors: Tensors, cast: Cast, override: Path | None, allow_pickle: bool) -> None:
+    """The VAE from the checkpoint, or from the file `override` (in any layout open_vae_file reads)."""
+    if override is None:
+        _fill(vae, _Reader(tensors, cast), VAE_PREFIX)
+        return
+    from sdcli.diffusers_layout import open_vae_file  # it builds on this module
+
+    with open_vae_file(Path(override), allow_pickle=allow_pickle) as own:
+        _fill(vae, _Reader(own, cast, hint="; it is not a VAE for this model"), VAE_PREFIX)
+
+
 def load_components(
     config: ModelConfig, path: Path, device: torch.device, dtype: torch.dtype, *, allow_pickle: bool = False,
     unet_layout: torch.memory_format = torch.contiguous_format,
-    vae_layout: torch.memory_format = torch.contiguous_format,
+    vae_layout: torch.memory_format = torch.contiguous_format, vae: Path | None = None,
 ) -> Components:  # fmt: skip
-    """The three networks of `config`, filled from the checkpoint at `path`, on `device` in `dtype`, the U-Net's
-    and the VAE's conv weights in the given layouts."""
+    """The three networks of `config`, filled from the checkpoint (file or diffusers folder) at `path`, or the
+    VAE from the file `vae` when given, on `device` in `dtype`, the U-Net's and the VAE's conv weights in the
+    given layouts."""
     path = Path(path)
     try:
         with open_tensors(path, allow_pickle=allow_pickle) as tensors:
@@ -270,7 +309,7 @@ def load_components(
                 )
             nets = build_on_meta(config)
             _fill(nets.unet, _Reader(tensors, Cast(device, dtype, unet_layout)), UNET_PREFIX)
-            _fill(nets.vae, _Reader(tensors, Cast(device, vae_dtype(config, dtype), vae_layout)), VAE_PREFIX)
+            _fill_vae(nets.vae, tensors, Cast(device, vae_dtype(config, dtype), vae_layout), vae, allow_pickle)
             for cfg, encoder in zip(config.text, nets.text, strict=True):
                 _fill_text(encoder, _Reader(tensors, Cast(device, dtype)), cfg)
     except OSError as exc:

@@ -39,6 +39,8 @@ DEFAULT_CHECKPOINTS = {
 DEFAULT_CHECKPOINT = DEFAULT_CHECKPOINTS["sd15"]
 TOOLS = ("sdcli", "diffusers")
 MODELS = ("sd15", "sdxl")
+LORA_RANK = 32
+LORA_SWITCHES = 100  # switches between two merged sets: the weights must come back exact, the RSS stay flat
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Figure:
     peak_dtype: str = "fp32"
     extra: dict = field(default_factory=dict)
     warm_file: bool = False  # read the checkpoint through the page cache before each worker (see warm_page_cache)
+    stat: str = "seconds"  # which list of the worker's result holds the row's times
 
     def runs(self) -> tuple:
         """Figures with equal runs share one measurement (a time row and its memory row)."""
@@ -106,6 +109,7 @@ def figures(smoke: bool, model: str = "sd15", bf16_size: int | None = None) -> l
         image,
         memory(image, "whole image: peak RSS of the process"),
         Figure("help", "`--help` wall time (sdcli / diffusers-cli)", "help", repeats=5),
+        *lora_figures(smoke),
         # opt-in rows
         dataclasses.replace(image, name="image_bf16", label=image.label.replace("default dtype", "bf16"), dtype="bf16"),
     ]
@@ -167,6 +171,21 @@ def xl_figures(smoke: bool, bf16_size: int | None = None) -> list[Figure]:
         bf16,
         vae,
         memory(vae, f"VAE decode {size}x{size}: peak RSS"),
+        *lora_figures(smoke),
+    ]
+
+
+def lora_figures(smoke: bool) -> list[Figure]:
+    """A rank-32 kohya LoRA (bench/make_lora.py) read and merged into the loaded model, and one switch between
+    two merged weights of it (sdcli restores the base from copies, diffusers unfuses)."""
+    switches = 3 if smoke else LORA_SWITCHES
+    merge = Figure("lora_merge", f"LoRA rank {LORA_RANK}: read + merge into the loaded model", "lora",
+                   repeats=switches, warmup=0)  # fmt: skip
+    return [
+        merge,
+        memory(merge, f"LoRA rank {LORA_RANK}: peak RSS while merging"),
+        dataclasses.replace(merge, name="lora_switch", label=f"LoRA: switch between two merged sets (best of "
+                            f"{switches})", stat="switch_seconds"),  # fmt: skip
     ]
 
 
@@ -337,7 +356,10 @@ def prepare(smoke: bool, checkpoint: Path | None, workdir: Path, model: str = "s
             reference.write_random_checkpoint(config, path, dtype=torch.float16, seed=0)
     folder = reference.write_diffusers_folder(config, workdir / "diffusers")
     folder_unet = reference.is_sgm(config) and not reference.xl_unet_config(config)[1]
-    return name, config, path, folder, folder_unet
+    from make_lora import write_lora
+
+    lora = write_lora(config, workdir / "lora.safetensors", LORA_RANK)
+    return name, config, path, folder, folder_unet, lora
 
 
 def value(result: dict, figure: Figure, stat: str) -> float | None:
@@ -345,7 +367,7 @@ def value(result: dict, figure: Figure, stat: str) -> float | None:
         return None
     if figure.memory:
         return result["peak_gib"]
-    return min(result["seconds"]) if stat == "best" else statistics.median(result["seconds"])
+    return min(result[figure.stat]) if stat == "best" else statistics.median(result[figure.stat])
 
 
 def row(figure: Figure, results: dict, stat: str, flops: dict, peak: dict) -> dict:
@@ -433,8 +455,9 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = system_load()
     with tempfile.TemporaryDirectory() as tmp:
-        name, config, checkpoint, folder, folder_unet = prepare(args.smoke, args.checkpoint, Path(tmp), args.model)
-        common = ["--config", name, "--checkpoint", str(checkpoint), "--folder", str(folder)]
+        prepared = prepare(args.smoke, args.checkpoint, Path(tmp), args.model)
+        name, config, checkpoint, folder, folder_unet, lora = prepared
+        common = ["--config", name, "--checkpoint", str(checkpoint), "--folder", str(folder), "--lora", str(lora)]
         common += ["--folder-unet"] if folder_unet else []
         common += ["--threads", str(args.threads)] if args.threads else []
         common += ["--compile"] if args.compile else []

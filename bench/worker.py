@@ -28,6 +28,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry, low quality"
 SEED, GUIDANCE, SAMPLER = 1234, 7.5, "dpmpp_2m_karras"
+LORA_WEIGHTS = (0.8, -0.5)  # the two LoRA sets the lora task switches between
 
 
 _peak_before_reset = 0.0
@@ -46,6 +47,10 @@ def reset_peak() -> None:
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def current_rss_gib() -> float:
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 2**20
 
 
 def phase_peak_gib() -> float:
@@ -132,6 +137,21 @@ class Sdcli:
 
         return self.pipe.generate([Request(PROMPT, NEGATIVE, SEED, steps, GUIDANCE, SAMPLER, size, size)])[0]
 
+    def merge_lora(self, path: Path) -> None:
+        """Read the LoRA and merge it at the first of LORA_WEIGHTS, as a job with two sets of it starts."""
+        from sdcli.lora import LoraSets
+        from sdcli.request import FileUse
+
+        self.sets = [(FileUse(str(path), w),) for w in LORA_WEIGHTS]
+        self.loras = LoraSets(self.config, self.pipe.nets, self.sets, allow_pickle=False)
+        self.loras.use(self.sets[0])
+
+    def switch_lora(self, k: int) -> None:
+        self.loras.use(self.sets[k % 2])
+
+    def lora_copies_gib(self) -> float:
+        return self.loras.merger.original_bytes() / 2**30
+
 
 class Diffusers:
     """diffusers' StableDiffusionPipeline (StableDiffusionXLPipeline for SDXL) from the same single file,
@@ -204,6 +224,19 @@ class Diffusers:
 
         with torch.no_grad():  # what the diffusers pipeline runs under
             return model(x, torch.tensor(999.0))
+
+    def merge_lora(self, path: Path) -> None:
+        """load_lora_weights then fuse_lora at the first of LORA_WEIGHTS, as diffusers' docs merge a LoRA."""
+        self.pipe.load_lora_weights(str(path), adapter_name="bench")
+        self.pipe.fuse_lora(lora_scale=LORA_WEIGHTS[0], adapter_names=["bench"])
+
+    def switch_lora(self, k: int) -> None:
+        """Unfuse, then fuse at the other weight: diffusers' way from one merged set to another."""
+        self.pipe.unfuse_lora()
+        self.pipe.fuse_lora(lora_scale=LORA_WEIGHTS[k % 2], adapter_names=["bench"])
+
+    def lora_copies_gib(self) -> float:
+        return 0.0
 
     def render(self, size: int, steps: int):
         sys.path.insert(0, str(ROOT / "tests"))
@@ -314,6 +347,20 @@ def task_image(args) -> dict:
     return {**result, "phase_peak_gib": result["peak_gib"], "peak_gib": process_peak_gib(), "dtype": str(tool.dtype)}
 
 
+def task_lora(args) -> dict:
+    """Read and merge a LoRA into the loaded model (timed once, with the phase's peak RSS), then switch between
+    two weights of it `repeats` times; the memory sdcli keeps to restore the base weights exactly."""
+    tool = load_tool(args)
+    loaded = current_rss_gib()
+    merge = timed(lambda: tool.merge_lora(args.lora), 1, 0)
+    merged = current_rss_gib()
+    switches = iter(range(1, 10**6))
+    switch = timed(lambda: tool.switch_lora(next(switches)), args.repeats, 0)
+    return {**merge, "switch_seconds": switch["seconds"], "copies_gib": tool.lora_copies_gib(),
+            "rss_loaded_gib": loaded, "rss_merged_gib": merged, "rss_after_switches_gib": current_rss_gib(),
+            "process_peak_gib": process_peak_gib()}  # fmt: skip
+
+
 def task_peak(args) -> dict:
     """FLOP/s of a large square matmul, best of `repeats`, in fp32 and bf16. The side is `size`, or less where
     one product would take over 2 s (bf16 on a CPU without bf16 instructions runs near 1 GFLOP/s): a 512
@@ -331,7 +378,8 @@ def task_peak(args) -> dict:
     return {**result, "sides": sides}
 
 
-TASKS = {"load": task_load, "unet": task_unet, "vae": task_vae, "image": task_image, "peak": task_peak}
+TASKS = {"load": task_load, "unet": task_unet, "vae": task_vae, "image": task_image, "lora": task_lora,
+         "peak": task_peak}  # fmt: skip
 
 
 def main() -> None:
@@ -351,6 +399,7 @@ def main() -> None:
         "--folder-unet", action="store_true", help="diffusers: U-Net config from --folder, not the yaml (tiny SDXL)"
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for this process")
+    parser.add_argument("--lora", type=Path, help="the lora task's LoRA file (bench/make_lora.py)")
     args = parser.parse_args()
     if args.threads:
         import torch

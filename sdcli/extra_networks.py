@@ -62,11 +62,13 @@ class Library:
 
 
 def _by_stem(folders: Iterable[Path]) -> dict[str, Path]:
+    """File stem (lower case) -> file, over the folders and their subfolders (as A1111 searches them), in
+    order; the first file of a name wins, a missing folder is skipped."""
     found: dict[str, Path] = {}
     for folder in folders:
         if not folder.is_dir():
             continue
-        for path in sorted(folder.iterdir()):
+        for path in sorted(folder.rglob("*")):
             if path.suffix.lower() in NETWORK_SUFFIXES and path.is_file():
                 found.setdefault(path.stem.lower(), path.absolute())
     return found
@@ -105,19 +107,12 @@ def lora_tag(use: FileUse) -> str:
 
 
 def embeddings_in(texts: Sequence[str], available: dict[str, Path]) -> tuple[FileUse, ...]:
-    """The embeddings (name -> file) whose names the texts use as words, case-insensitively, in name order.
+    """The embeddings (lower-case name -> file) whose names the texts use, as words of CLIP's pre-tokenizer.
     The encoder matches names on token ids, as A1111 does; a file listed here that the tokens then do not
-    trigger only costs a read."""
-    if not available:
-        return ()
-    found = {m.group(0).lower() for text in texts for m in _names_pattern(tuple(sorted(available))).finditer(text)}
-    return tuple(FileUse(str(available[name])) for name in sorted(found))
+    trigger (a shorter name inside a longer one's) only costs a read."""
+    from sdcli.embeddings import used_names  # the tokenizer's word pattern: only planning pays for it
 
-
-@functools.lru_cache(maxsize=8)
-def _names_pattern(names: tuple[str, ...]) -> re.Pattern:
-    alternatives = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-    return re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+    return tuple(FileUse(str(path)) for path in used_names(texts, available))
 
 
 def locate(uses: Sequence[FileUse], found: dict[str, Path], what: str) -> tuple[FileUse, ...]:

@@ -309,6 +309,8 @@ def _with_networks(request: Request, library: Library) -> Request:
     given = locate(request.embeddings, library.embeddings, "embedding")
     listed = {Path(u.file).stem.lower(): Path(u.file) for u in given}
     used = embeddings_in((prompt, request.negative), {**library.embeddings, **listed})
+    weights = {u.file: u.weight for u in given}  # a weight given to an embedding is refused by check_request
+    used = tuple(dataclasses.replace(u, weight=weights.get(u.file, 1.0)) for u in used)
     return dataclasses.replace(request, prompt=prompt, loras=loras, embeddings=used)
 
 

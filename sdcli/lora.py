@@ -109,7 +109,7 @@ def read_lora(path: Path, *, allow_pickle: bool = False) -> LoraFile:
             missing = "up" if "down" in got else "down"
             raise CheckpointError(f"{path}: layer '{_clip(base)}' has no {missing} weight")
         down, up = got["down"], got["up"]
-        if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0]:
+        if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0] or not down.shape[0]:
             raise CheckpointError(
                 f"{path}: layer '{_clip(base)}' has mismatched shapes {list(down.shape)} and {list(up.shape)}"
             )
@@ -218,6 +218,8 @@ def _family_hint(base: str, config: ModelConfig) -> str:
     two = base.startswith(("lora_te1_", "lora_te2_", "text_encoder_2."))
     if two and len(config.text) == 1:
         return f" (it is for a model with two text encoders, such as SDXL; {config.name} has one)"
+    if base.startswith("lora_te_") and len(config.text) > 1:
+        return f" (it is for a model with one text encoder, such as SD 1.x; {config.name} has {len(config.text)})"
     return f" (is the LoRA made for another model than {config.name}?)"
 
 

@@ -5,6 +5,7 @@ Each stage is a short tensor-in, tensor-out method so it can be tested alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -15,12 +16,13 @@ import torch
 from PIL import Image
 
 from sdcli.config import ModelConfig
+from sdcli.embeddings import Embedding, check_fits, read_embedding
 from sdcli.errors import RequestError
 from sdcli.hashing import cache_dir
 from sdcli.nets.bands import decode_in_bands
 from sdcli.nets.text import Tokenizer
 from sdcli.nets.unet import timestep_embedding
-from sdcli.prompt_chunks import CHUNK_TOKENS, Chunk, chunk_prompt
+from sdcli.prompt_chunks import CHUNK_TOKENS, Chunk, Trigger, chunk_prompt
 from sdcli.request import Request, check_request
 from sdcli.samplers import sample
 from sdcli.weights import Components, load_components, vae_dtype
@@ -175,7 +177,9 @@ class Pipeline:
             config, path, torch_device, torch_dtype, allow_pickle=allow_pickle, unet_layout=unet_layout,
             vae_layout=vae_layout, vae=vae,
         )  # fmt: skip
-        return cls(config, path, nets, torch_device, torch_dtype, compile=compile)
+        pipe = cls(config, path, nets, torch_device, torch_dtype, compile=compile)
+        pipe.allow_pickle = allow_pickle  # embedding files follow the checkpoint's pickle policy
+        return pipe
 
     @property
     def device_name(self) -> str:
@@ -189,20 +193,48 @@ class Pipeline:
     def vae_dtype_name(self) -> str:
         return dtype_name(vae_dtype(self.config, self.dtype))
 
+    allow_pickle = False  # whether pickled embedding files are read (by torch's weights-only loader): load's choice
+
+    @functools.cached_property
+    def _embedding_files(self) -> dict[str, Embedding]:
+        """Embedding files read so far, by path: each is read and checked against the text encoders once."""
+        return {}
+
+    def embeddings_of(self, request: Request) -> list[Embedding]:
+        """The request's textual-inversion files, in its order, each once."""
+        found = []
+        for use in request.embeddings:
+            if use.file not in self._embedding_files:
+                embedding = read_embedding(Path(use.file), allow_pickle=self.allow_pickle)
+                self._embedding_files[use.file] = check_fits(embedding, [t.width for t in self.config.text])
+            found.append(self._embedding_files[use.file])
+        found = list(dict.fromkeys(found))
+        names = [e.name.lower() for e in found]
+        doubled = next((name for name in names if names.count(name) > 1), None)
+        if doubled is not None:
+            raise RequestError(f"two embedding files are named '{doubled}': a prompt could not tell them apart")
+        return found
+
     @torch.inference_mode()
     def encode_prompts(
         self, prompts: Sequence[str], requests: Sequence[Request]
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """Each prompt (read by its request's syntax and clip skip) -> its text context (77*k, D), every
-        encoder's concatenated along D (SDXL: CLIP-L's 768 then bigG's 1280), and the pooled embeddings (B, P)
-        of the encoder that gives one, from each prompt's first chunk (None when no encoder pools)."""
+        """Each prompt (read by its request's syntax, clip skip and embeddings) -> its text context (77*k, D),
+        every encoder's concatenated along D (SDXL: CLIP-L's 768 then bigG's 1280), and the pooled embeddings
+        (B, P) of the encoder that gives one, from each prompt's first chunk (None when no encoder pools)."""
         if any(r.clip_skip > 1 for r in requests) and not any(t.clip_skip for t in self.config.text):
             log.warning("clip skip changes nothing on %s: A1111 applies it to SD 1.x's encoder only", self.config.name)
+        embeddings = [self.embeddings_of(r) for r in requests]
         per_encoder, pooled = [], None
-        for encoder, tokenizer in zip(self.nets.text, self.tokenizers, strict=True):
-            read = [chunk_prompt(p, tokenizer, r.prompt_syntax) for p, r in zip(prompts, requests, strict=True)]
+        for k, (encoder, tokenizer) in enumerate(zip(self.nets.text, self.tokenizers, strict=True)):
+            first_id = self.config.text[k].vocab_size
+            read = [
+                chunk_prompt(p, tokenizer, r.prompt_syntax, _triggers(e, first_id))
+                for p, r, e in zip(prompts, requests, embeddings, strict=True)
+            ]
             windows, cut = [chunks for chunks, _ in read], [truncated for _, truncated in read]
-            contexts, pool = self._encode_windows(encoder, windows, [r.clip_skip for r in requests])
+            tables = [_vector_table(e, k) for e in embeddings]
+            contexts, pool = self._encode_windows(encoder, windows, [r.clip_skip for r in requests], tables)
             per_encoder.append(contexts)
             pooled = pool if pool is not None else pooled
         for prompt, truncated in zip(prompts, cut, strict=True):
@@ -212,17 +244,21 @@ class Pipeline:
         return contexts, pooled
 
     def _encode_windows(
-        self, encoder: torch.nn.Module, windows: Sequence[Sequence[Chunk]], clip_skips: Sequence[int]
-    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """One encoder over every prompt's chunks (one call per clip skip value), each chunk's emphasis
-        applied as A1111's "Original" does: weights multiply the tokens, then the chunk's mean is restored."""
+        self, encoder: torch.nn.Module, windows: Sequence[Sequence[Chunk]], clip_skips: Sequence[int],
+        tables: Sequence[torch.Tensor | None],
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:  # fmt: skip
+        """One encoder over every prompt's chunks (one call per clip skip value), each prompt's embedding vectors
+        (`tables`, (E, width) or None) under its ids past the vocabulary, each chunk's emphasis applied as A1111's
+        "Original" does: weights multiply the tokens, then the chunk's mean is restored."""
         flat = [(i, chunk) for i, chunks in enumerate(windows) for chunk in chunks]
         outputs: list[torch.Tensor | None] = [None] * len(flat)
         pools: list[torch.Tensor | None] = [None] * len(flat)
         for skip in sorted(set(clip_skips)):
             picked = [j for j, (i, _) in enumerate(flat) if clip_skips[i] == skip]
             ids = torch.tensor([flat[j][1].ids for j in picked], device=self.device)
-            context, pool = encoder(ids, clip_skip=skip)
+            pool_at = torch.tensor([flat[j][1].pool_at for j in picked], device=self.device)
+            extra = _extra_vectors([tables[flat[j][0]] for j in picked], self.device)
+            context, pool = encoder(ids, clip_skip=skip, extra=extra, pool_at=pool_at)
             for row, j in enumerate(picked):
                 outputs[j] = _emphasis(context[row], flat[j][1])
                 pools[j] = None if pool is None else pool[row]
@@ -348,3 +384,27 @@ def _emphasis(context: torch.Tensor, chunk: Chunk) -> torch.Tensor:
     original = context.mean()
     context = context * weights[:, None]
     return context * (original / context.mean())
+
+
+def _triggers(embeddings: Sequence[Embedding], first_id: int) -> list[Trigger]:
+    """Each embedding's name and the ids of its vectors: first_id on, row by row of _vector_table's table."""
+    triggers, next_id = [], first_id
+    for embedding in embeddings:
+        triggers.append(Trigger(embedding.name, tuple(range(next_id, next_id + embedding.count))))
+        next_id += embedding.count
+    return triggers
+
+
+def _vector_table(embeddings: Sequence[Embedding], encoder: int) -> torch.Tensor | None:
+    """The embeddings' vectors for one text encoder, stacked (E, width) in order; None without embeddings."""
+    return torch.cat([e.vectors[encoder] for e in embeddings]) if embeddings else None
+
+
+def _extra_vectors(tables: Sequence[torch.Tensor | None], device: torch.device) -> torch.Tensor | None:
+    """Per-row tables as one (B, E, width) batch, zero-padded to the longest; None when no row has one."""
+    present = [t for t in tables if t is not None]
+    if not present:
+        return None
+    empty = present[0].new_zeros(0, present[0].shape[1])
+    rows = [empty if t is None else t for t in tables]
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device)

@@ -226,6 +226,12 @@ def check_request(request: Request, config: ModelConfig) -> Request:
         raise RequestError(
             f"unknown prompt syntax '{request.prompt_syntax[:40]}'; valid: {', '.join(PROMPT_SYNTAXES)}"
         )
+    for use in request.embeddings:
+        if use.weight != 1.0:
+            raise RequestError(
+                f"embedding {Path(use.file).name[:60]}: an embedding takes no weight ({use.weight:g}); weight its "
+                "name in the prompt instead, as in (name:1.2)"
+            )
     for use in request.loras:
         if not -MAX_LORA_WEIGHT <= use.weight <= MAX_LORA_WEIGHT:
             raise RequestError(

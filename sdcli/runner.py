@@ -233,6 +233,8 @@ class _Renderer:
             raise RequestError("--compile renders one LoRA set per job; this one has several (run them apart)")
         pipe = self._load()
         loras = LoraSets(pipe.config, pipe.nets, sets, allow_pickle=self.run.allow_pickle)
+        for target in todo:  # every embedding file read and checked before the first image
+            pipe.embeddings_of(target.request)
         order = {lora_set: i for i, lora_set in enumerate(sets)}
         queue = deque(sorted(batches(todo, self.run.batch_size), key=lambda g: order[g[0].request.loras]))
         while queue:

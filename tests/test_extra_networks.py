@@ -77,9 +77,20 @@ def test_embeddings_are_found_by_name_in_either_text(tiny_config, folders):
     assert planned(tiny_config, "easynegatives bad-handsome", folders).embeddings == ()
 
 
-def test_embeddings_in_prefers_longer_names():
-    available = {"bad": Path("/e/bad.pt"), "bad-hands": Path("/e/bad-hands.pt")}
-    assert [Path(u.file).name for u in embeddings_in(["bad-hands"], available)] == ["bad-hands.pt"]
+def test_embeddings_in_lists_every_name_the_words_spell():
+    available = {"bad": Path("/e/bad.pt"), "bad-hands": Path("/e/bad-hands.pt"), "good": Path("/e/good.pt")}
+    assert [Path(u.file).name for u in embeddings_in(["bad-hands"], available)] == ["bad.pt", "bad-hands.pt"]
+
+
+def test_folders_are_searched_with_subfolders_first_folder_first(tmp_path):
+    first, second = tmp_path / "a", tmp_path / "b"
+    (first / "sub").mkdir(parents=True)
+    second.mkdir()
+    for path in (first / "Style.safetensors", first / "sub" / "deep.pt", second / "style.pt", second / "x.txt"):
+        path.write_bytes(b"")
+    found = Library(embedding_dirs=(first, tmp_path / "missing", second)).embeddings
+    assert found["style"] == first / "Style.safetensors" and found["deep"] == first / "sub" / "deep.pt"
+    assert "x" not in found
 
 
 def test_item_files_are_beside_the_prompt_file(tmp_path, tiny_config):

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from sdcli.config import TextConfig
 from sdcli.errors import CheckpointError, ConfigError
+from sdcli.prompt_chunks import CLIP_WORDS
 
 START, END = "<start_of_text>", "<end_of_text>"  # OpenCLIP's names for CLIP's special tokens
 BYTE_TOKENS = 256  # byte-level BPE: one base token per byte, once plain and once word-final
@@ -92,12 +93,16 @@ class TextEncoder(nn.Module):
         self.blocks_run = cfg.layers if cfg.pooled else self.depth
         self.honours_clip_skip = cfg.clip_skip
 
-    def forward(self, ids: Tensor, clip_skip: int = 1) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, ids: Tensor, clip_skip: int = 1, extra: Tensor | None = None, pool_at: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """(context (B, L, width), pooled (B, width) or None); A1111's `clip_skip` N takes the context N-1
-        blocks earlier, on an encoder that honours it."""
+        blocks earlier, on an encoder that honours it. `extra` (B, E, width) holds each row's own token vectors
+        (textual-inversion embeddings), which ids from vocab_size on pick; `pool_at` (B,) is where pooling reads
+        each row (default: its largest id, the first end token)."""
         depth = self.depth - (clip_skip - 1) if self.honours_clip_skip else self.depth
         length = ids.shape[1]
-        x = self.token_embedding(ids) + self.positional_embedding[:length]  # (B, L, width)
+        x = self.embed(ids, extra) + self.positional_embedding[:length]  # (B, L, width)
         # additive causal mask, built here so a meta-device construction holds no stale buffer
         causal = torch.full((length, length), float("-inf"), dtype=x.dtype, device=x.device).triu_(1)
         context = x
@@ -112,9 +117,21 @@ class TextEncoder(nn.Module):
         if not hasattr(self, "text_projection"):
             return context, None
         # the end token has the largest id, so argmax finds the first one (padding is lower or equal)
-        end = ids.argmax(dim=-1)
+        end = ids.argmax(dim=-1) if pool_at is None else pool_at
         pooled = self.ln_final(x)[torch.arange(ids.shape[0], device=ids.device), end] @ self.text_projection
         return context, pooled
+
+    def embed(self, ids: Tensor, extra: Tensor | None) -> Tensor:
+        """Token vectors (B, L, width): the vocabulary's, and a row's `extra` ones where ids run past it, as
+        A1111's EmbeddingsWithFixes and diffusers' added tokens place embeddings (before the positions)."""
+        if extra is None:
+            return self.token_embedding(ids)
+        vocab = self.token_embedding.num_embeddings
+        own = ids < vocab
+        x = self.token_embedding(ids.where(own, 0))
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
+        added = extra.to(x.dtype)[rows, (ids - vocab).clamp(min=0)]  # (B, L, width)
+        return torch.where(own[..., None], x, added)
 
 
 # OpenCLIP name <- HuggingFace CLIPTextModel name, for the SD 1.x text weights.
@@ -194,9 +211,7 @@ class Tokenizer:
         self.start_id, self.end_id = self.encoder[START], self.encoder[END]
         self.comma_id = self.encoder[",</w>"]  # where A1111 may end a long prompt's chunk early
         self.words = {START: START, END: END}  # BPE results per word; OpenCLIP maps the spelled-out specials too
-        self.pattern = regex.compile(
-            rf"{START}|{END}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+", regex.IGNORECASE
-        )
+        self.pattern = regex.compile(rf"{START}|{END}|{CLIP_WORDS}", regex.IGNORECASE)
         self.context_length = cfg.context_length
         self.pad_id = cfg.pad_id
 

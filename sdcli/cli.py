@@ -152,6 +152,32 @@ Config = Annotated[
 Weights = Annotated[
     str | None, typer.Option("--weights", "-w", metavar="FILE", help="Weights instead of the config's.")
 ]
+InitImage = Annotated[
+    str | None, typer.Option("--init-image", metavar="FILE", help="Start from this picture (img2img).")
+]
+Strength = Annotated[
+    float | None,
+    typer.Option(metavar="S", help="How much of the schedule runs from the init image, 0 < S <= 1. [default: 0.75]"),
+]
+Mask = Annotated[
+    str | None, typer.Option("--mask", metavar="FILE", help="Repaint the white of this mask (with --init-image).")
+]
+MaskBlur = Annotated[int | None, typer.Option(metavar="PX", help="Blur the mask's edge by PX pixels. [default: 0]")]
+Pad = Annotated[
+    str | None,
+    typer.Option(metavar="L,T,R,B", help="Outpaint: extend the init image by these pixels and paint the new area."),
+]
+HiresScale = Annotated[
+    float | None,
+    typer.Option(metavar="F", help="Hires fix: render, upscale by F, then refine with img2img. [default: 1, off]"),
+]
+HiresSteps = Annotated[int | None, typer.Option(metavar="N", help="Steps of the hires pass. [default: --steps]")]
+HiresStrength = Annotated[
+    float | None, typer.Option(metavar="S", help="Strength of the hires pass. [default: 0.7]")
+]
+HiresUpscale = Annotated[
+    str | None, typer.Option(metavar="NAME", help="latent or lanczos: how the hires pass upscales. [default: latent]")
+]
 Vae = Annotated[
     str | None,
     typer.Option("--vae", metavar="FILE", help="Decode with this VAE (file or diffusers folder), not the model's."),
@@ -260,6 +286,15 @@ def generate(
     clip_skip: ClipSkip = None,
     prompt_syntax: PromptSyntax = None,
     count: Count = None,
+    init_image: InitImage = None,
+    strength: Strength = None,
+    mask: Mask = None,
+    mask_blur: MaskBlur = None,
+    pad: Pad = None,
+    hires_scale: HiresScale = None,
+    hires_steps: HiresSteps = None,
+    hires_strength: HiresStrength = None,
+    hires_upscale: HiresUpscale = None,
     from_: Annotated[
         Path | None,
         typer.Option(
@@ -389,6 +424,15 @@ def batch(
     clip_skip: ClipSkip = None,
     prompt_syntax: PromptSyntax = None,
     count: Count = None,
+    init_image: InitImage = None,
+    strength: Strength = None,
+    mask: Mask = None,
+    mask_blur: MaskBlur = None,
+    pad: Pad = None,
+    hires_scale: HiresScale = None,
+    hires_steps: HiresSteps = None,
+    hires_strength: HiresStrength = None,
+    hires_upscale: HiresUpscale = None,
     config: Config = None,
     weights: Weights = None,
     vae: Vae = None,

@@ -302,8 +302,8 @@ def plan(
 
 
 def _with_networks(request: Request, library: Library) -> Request:
-    """The request with its prompt's LoRA tags moved to `loras`, and `embeddings` the embedding files whose
-    names its texts use (those it listed first, then the library's)."""
+    """The request with its prompt's LoRA tags moved to `loras`, `embeddings` the embedding files whose names
+    its texts use (those it listed first, then the library's), and every file it names found."""
     prompt, tagged = take_lora_tags(request.prompt, request.negative, library)
     loras = locate(request.loras + tagged, library.loras, "LoRA")
     given = locate(request.embeddings, library.embeddings, "embedding")
@@ -311,7 +311,8 @@ def _with_networks(request: Request, library: Library) -> Request:
     used = embeddings_in((prompt, request.negative), {**library.embeddings, **listed})
     weights = {u.file: u.weight for u in given}  # a weight given to an embedding is refused by check_request
     used = tuple(dataclasses.replace(u, weight=weights.get(u.file, 1.0)) for u in used)
-    return dataclasses.replace(request, prompt=prompt, loras=loras, embeddings=used)
+    images = {name: locate(getattr(request, name), {}, name.replace("_", " ")) for name in ("init_image", "mask")}
+    return dataclasses.replace(request, prompt=prompt, loras=loras, embeddings=used, **images)
 
 
 def place(

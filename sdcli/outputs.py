@@ -54,6 +54,7 @@ from sdcli.request import (
     FileUse,
     Request,
     file_fields,
+    legacy_values,
     metadata_types,
     name_fields,
     recipe_keys,
@@ -191,6 +192,7 @@ def config_reference(config: ModelConfig) -> str:
 def recipe(meta: dict[str, Any]) -> tuple:
     """What makes two images the same: the recipe's values, a file by its name, weight and hash (not where
     it lies)."""
+    meta = {**legacy_values(), **meta}  # a sidecar written before a field existed meant its legacy value
     return tuple(_used_files(meta.get(key)) if key in file_fields() else meta.get(key) for key in recipe_keys())
 
 

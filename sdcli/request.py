@@ -24,6 +24,9 @@ MAX_SIDE_FACTOR = 4  # a side may be this many times the model's default: SD rep
 # How prompt text becomes tokens: A1111's emphasis, BREAK and 75-token chunks; or diffusers' literal text cut at 75.
 PROMPT_SYNTAXES = ("a1111", "plain")
 MAX_LORA_WEIGHT = 10.0  # far past any useful strength (A1111 users stay within about -2..2): beyond it, a typo
+HIRES_UPSCALERS = ("latent", "lanczos")  # in latent space (A1111's "Latent"), or decode, resize and encode again
+MAX_HIRES_SCALE = 4.0
+MAX_MASK_BLUR = 256
 MAX_PROMPT_CHARS = 20_000  # some 5000 tokens, 66 chunks: far past any prompt, short of a hostile one's cost
 
 
@@ -52,6 +55,8 @@ def file_uses(raw: Any, key: str, base: Path | None = None) -> tuple[FileUse, ..
     folder), else the working folder."""
     if isinstance(raw, tuple) and all(isinstance(u, FileUse) for u in raw):
         return raw
+    if isinstance(raw, str):  # one file, as --init-image and a prompt file's `init_image: FILE` give it
+        raw = [raw] if raw else []
     if not isinstance(raw, list) or len(raw) > MAX_FILE_USES:
         raise RequestError(f"'{key}' must be a list of at most {MAX_FILE_USES} files")
     uses = []
@@ -106,6 +111,18 @@ class Request:
     loras: tuple[FileUse, ...] = field(default=(), metadata=_shared(legacy=()))
     # textual-inversion files whose names the prompts use
     embeddings: tuple[FileUse, ...] = field(default=(), metadata={"legacy": ()})
+    # an image to start from (img2img; at most one), and how much of the schedule runs from it: 1 starts
+    # from noise at the first step, 0.3 keeps most of the picture
+    init_image: tuple[FileUse, ...] = field(default=(), metadata={"legacy": ()})
+    strength: float = field(default=0.75, metadata=_shared(legacy=0.75))  # A1111's default denoising strength
+    mask: tuple[FileUse, ...] = field(default=(), metadata={"legacy": ()})  # white is repainted (inpainting)
+    mask_blur: int = field(default=0, metadata={"legacy": 0})  # pixels of Gaussian blur on the mask's edge
+    pad: str = field(default="", metadata=_shared(legacy=""))  # outpainting: "LEFT,TOP,RIGHT,BOTTOM" pixels
+    # A1111's hires fix: render, upscale by hires_scale, then an img2img pass at hires_strength
+    hires_scale: float = field(default=1.0, metadata=_shared(legacy=1.0))  # 1 is off
+    hires_steps: int = field(default=0, metadata=_shared(legacy=0))  # 0 runs `steps`
+    hires_strength: float = field(default=0.7, metadata=_shared(legacy=0.7))  # A1111's default
+    hires_upscale: str = field(default="latent", metadata=_shared(legacy="latent"))
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one U-Net batch."""
@@ -167,6 +184,12 @@ def required_metadata() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(Request) if "legacy" not in f.metadata)
 
 
+@functools.cache
+def legacy_values() -> dict[str, Any]:
+    """Each field added after sidecars were first written, with what a sidecar without it meant."""
+    return {f.name: f.metadata["legacy"] for f in dataclasses.fields(Request) if "legacy" in f.metadata}
+
+
 def recorded_values(meta: dict[str, Any]) -> dict[str, Any]:
     """A sidecar's request fields; a field it predates takes its `legacy` value."""
     values = {}
@@ -226,6 +249,7 @@ def check_request(request: Request, config: ModelConfig) -> Request:
         raise RequestError(
             f"unknown prompt syntax '{request.prompt_syntax[:40]}'; valid: {', '.join(PROMPT_SYNTAXES)}"
         )
+    _check_image_inputs(request, config)
     for use in request.embeddings:
         if use.weight != 1.0:
             raise RequestError(
@@ -255,6 +279,50 @@ def check_request(request: Request, config: ModelConfig) -> Request:
     if not 0 <= request.seed <= MAX_SEED:
         raise RequestError(f"--seed must be between 0 and {MAX_SEED}, got {request.seed}")
     return request
+
+
+def _check_image_inputs(request: Request, config: ModelConfig) -> None:
+    """An init image, a mask, padding and the hires pass: each in range, and only with what it needs."""
+    for name in ("init_image", "mask"):
+        uses = getattr(request, name)
+        if len(uses) > 1 or any(use.weight != 1.0 for use in uses):
+            raise RequestError(f"'{name}' takes one image file, without a weight")
+    if not 0 < request.strength <= 1:
+        raise RequestError(f"--strength must be in (0, 1], got {request.strength:g}")
+    if (request.mask or request.pad) and not request.init_image:
+        raise RequestError(f"--{'mask' if request.mask else 'pad'} needs an --init-image to paint into")
+    if not 0 <= request.mask_blur <= MAX_MASK_BLUR:
+        raise RequestError(f"--mask-blur must be from 0 to {MAX_MASK_BLUR} pixels, got {request.mask_blur}")
+    if request.pad:
+        padding(request.pad, config.vae.downsample)
+    if not 1 <= request.hires_scale <= MAX_HIRES_SCALE:
+        raise RequestError(f"--hires-scale must be from 1 to {MAX_HIRES_SCALE:g}, got {request.hires_scale:g}")
+    if not 0 < request.hires_strength <= 1:
+        raise RequestError(f"--hires-strength must be in (0, 1], got {request.hires_strength:g}")
+    if not 0 <= request.hires_steps <= config.schedule.num_train_timesteps:
+        raise RequestError(f"--hires-steps must be from 0 (as --steps) to {config.schedule.num_train_timesteps}")
+    if request.hires_upscale not in HIRES_UPSCALERS:
+        raise RequestError(
+            f"unknown hires upscaler {request.hires_upscale[:40]!r}; valid: {', '.join(HIRES_UPSCALERS)}"
+        )
+    given = [name for name, on in (("--init-image", request.init_image), ("--hires-scale", request.hires_scale != 1))
+             if on]  # fmt: skip
+    if given:
+        raise RequestError(f"{given[0]} is not supported yet")
+
+
+def padding(text: str, multiple: int) -> tuple[int, int, int, int]:
+    """--pad "LEFT,TOP,RIGHT,BOTTOM" -> four pixel counts, each a multiple of the model's latent step."""
+    parts = text.split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4 or any(not 0 <= v <= 4096 or v % multiple for v in values) or not any(values):
+        raise RequestError(
+            f"--pad {text[:40]!r}: expected LEFT,TOP,RIGHT,BOTTOM, multiples of {multiple} from 0 to 4096, not all 0"
+        )
+    return values  # type: ignore[return-value]
 
 
 def _is_text(value: str) -> bool:

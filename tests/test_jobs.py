@@ -185,6 +185,22 @@ def test_resume_skips_complete_pairs_of_the_same_recipe(tmp_path, tiny_config):
     assert (forced.png, forced.done) == (first.png, False)
 
 
+def test_resume_skips_a_sidecar_written_before_newer_fields(tmp_path, tiny_config):
+    """A sidecar of an older sdcli lacks the fields added since (LoRAs, init image, hires...): it meant their
+    legacy values, so an upgrade does not re-render a finished job."""
+    import json
+
+    from sdcli.request import legacy_values
+
+    planned = _planned(tiny_config, prompt_syntax="plain", clip_skip=1)
+    (first,) = place(planned, tmp_path, EXTRA, overwrite=False, resume=True)
+    _finish(first, tiny_config)
+    meta = json.loads(first.sidecar.read_text(encoding="utf-8"))
+    first.sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k not in legacy_values()}), encoding="utf-8")
+    (again,) = place(planned, tmp_path, EXTRA, overwrite=False, resume=True)
+    assert again.done
+
+
 def test_generate_never_reuses_an_equal_image(tmp_path, tiny_config):
     planned = _planned(tiny_config)
     _finish(place(planned, tmp_path, EXTRA, overwrite=False, resume=False)[0], tiny_config)

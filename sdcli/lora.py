@@ -268,6 +268,17 @@ def delta(layer: LoraLayer, weight: float, shape: tuple[int, ...]) -> torch.Tens
     return change.reshape(shape) * scale
 
 
+def compact_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A copy that gives `weight` back exactly, in the narrowest float type that holds every value: weights
+    loaded from an fp16 (or bf16) file into fp32 are fp16 (bf16) values, so their copy takes half the memory."""
+    for narrow in (torch.float16, torch.bfloat16):
+        if weight.dtype.itemsize > narrow.itemsize:
+            candidate = weight.to(narrow)
+            if torch.equal(candidate.to(weight.dtype), weight):
+                return candidate
+    return weight.clone()
+
+
 class Merger:
     """Keeps the networks' weights equal to the base model plus the current LoRA set.
 
@@ -300,7 +311,7 @@ class Merger:
                 param = self.params[target.net][target.param]
                 key = (target.net, target.param)
                 if self.keep_originals and key not in self.originals:
-                    self.originals[key] = param.detach().clone()
+                    self.originals[key] = compact_copy(param.detach())
                 view = param if target.rows is None else param[target.rows[0] : target.rows[1]]
                 view.add_(delta(layer, use.weight, _target_shape(target, self.params)).to(view.device, view.dtype))
         self.current = uses

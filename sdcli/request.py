@@ -239,7 +239,7 @@ def check_request(request: Request, config: ModelConfig) -> Request:
         value = getattr(request, name)
         if value <= 0 or value % step:
             raise RequestError(f"--{name} must be a positive multiple of {step}, got {value}")
-        largest = MAX_SIDE_FACTOR * getattr(config.defaults, name) // step * step
+        largest = _largest(config, name)
         if value > largest:
             raise RequestError(
                 f"--{name} {value} is more than {config.name} renders: at most {largest} "
@@ -297,6 +297,11 @@ def _check_image_inputs(request: Request, config: ModelConfig) -> None:
         padding(request.pad, config.vae.downsample)
     if not 1 <= request.hires_scale <= MAX_HIRES_SCALE:
         raise RequestError(f"--hires-scale must be from 1 to {MAX_HIRES_SCALE:g}, got {request.hires_scale:g}")
+    for name in ("width", "height"):
+        side = hires_side(getattr(request, name), request.hires_scale, config.vae.downsample)
+        largest = _largest(config, name)
+        if request.hires_scale != 1 and side > largest:
+            raise RequestError(f"--hires-scale {request.hires_scale:g} makes the {name} {side}, over {largest}")
     if not 0 < request.hires_strength <= 1:
         raise RequestError(f"--hires-strength must be in (0, 1], got {request.hires_strength:g}")
     if not 0 <= request.hires_steps <= config.schedule.num_train_timesteps:
@@ -309,6 +314,16 @@ def _check_image_inputs(request: Request, config: ModelConfig) -> None:
              if on]  # fmt: skip
     if given:
         raise RequestError(f"{given[0]} is not supported yet")
+
+
+def hires_side(side: int, scale: float, multiple: int = 8) -> int:
+    """A side after the hires upscale: side x scale, down to the model's multiple, as A1111 sizes it."""
+    return int(side * scale) // multiple * multiple
+
+
+def _largest(config: ModelConfig, name: str) -> int:
+    step = config.vae.downsample
+    return MAX_SIDE_FACTOR * getattr(config.defaults, name) // step * step
 
 
 def padding(text: str, multiple: int) -> tuple[int, int, int, int]:

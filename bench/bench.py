@@ -77,6 +77,8 @@ def figures(smoke: bool, model: str = "sd15", bf16_size: int | None = None) -> l
     load = Figure("load", "cold load: process start to model ready", "load", **once)
     vae_small = Figure("vae_small", f"VAE decode {small}x{small}", "vae", size=small, flops="vae", **once)
     vae_large = Figure("vae_large", f"VAE decode {large}x{large}", "vae", size=large, repeats=1, warmup=0, flops="vae")
+    encode_large = Figure("encode_large", f"VAE encode {large}x{large} (img2img)", "encode", size=large, repeats=1,
+                          warmup=0)  # fmt: skip
     image = Figure(
         "image",
         f"whole image {small}x{small}, {steps} steps dpmpp_2m_karras, default dtype",
@@ -106,6 +108,8 @@ def figures(smoke: bool, model: str = "sd15", bf16_size: int | None = None) -> l
         memory(vae_small, f"VAE decode {small}x{small}: peak RSS"),
         vae_large,
         memory(vae_large, f"VAE decode {large}x{large}: peak RSS"),
+        encode_large,
+        memory(encode_large, f"VAE encode {large}x{large} (img2img): peak RSS"),
         image,
         memory(image, "whole image: peak RSS of the process"),
         Figure("help", "`--help` wall time (sdcli / diffusers-cli)", "help", repeats=5),

@@ -287,8 +287,8 @@ def task_unet(args) -> dict:
     return {**timed(lambda: tool.unet_call(model, x), args.repeats, args.warmup), "dtype": str(tool.dtype)}
 
 
-def sdcli_decoder(config, checkpoint: Path):
-    """sdcli's Pipeline.decode in a process that holds only the VAE: built on the meta device and filled
+def sdcli_vae_only(config, checkpoint: Path):
+    """sdcli's Pipeline (its decode and encode) holding only the VAE: built on the meta device and filled
     from the file tensor by tensor (through safetensors here, which does not change the decode)."""
     import torch
     from safetensors import safe_open
@@ -304,7 +304,7 @@ def sdcli_decoder(config, checkpoint: Path):
         state = {name: f.get_tensor(VAE_PREFIX + name).float() for name in vae.state_dict()}
     vae.load_state_dict(state, strict=True, assign=True)
     nets = Components(unet=None, vae=vae.eval().requires_grad_(False), text=None)
-    return Pipeline(config, checkpoint, nets, torch.device("cpu"), torch.float32).decode
+    return Pipeline(config, checkpoint, nets, torch.device("cpu"), torch.float32)
 
 
 def diffusers_decoder(checkpoint: Path, folder: Path):
@@ -330,7 +330,7 @@ def task_vae(args) -> dict:
 
     config = model_config(args.config)
     decode = (
-        sdcli_decoder(config, args.checkpoint)
+        sdcli_vae_only(config, args.checkpoint).decode
         if args.tool == "sdcli"
         else diffusers_decoder(args.checkpoint, args.folder)
     )
@@ -339,6 +339,29 @@ def task_vae(args) -> dict:
     latents = torch.randn(1, config.vae.latent_channels, args.size // factor, args.size // factor, generator=g)
     latents = latents * config.vae.scale_factor  # what a sampler hands over
     return timed(lambda: decode(latents), args.repeats, args.warmup)
+
+
+def task_encode(args) -> dict:
+    """img2img's VAE encode of one image, in a process that loads only the VAE (as task_vae): sdcli's banded
+    Pipeline.encode, diffusers' AutoencoderKL.encode with the posterior sample its img2img pipeline draws."""
+    import torch
+
+    config = model_config(args.config)
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, args.size, args.size, generator=g) * 2 - 1
+    if args.tool == "sdcli":
+        encode = sdcli_vae_only(config, args.checkpoint).encode
+        return timed(lambda: encode(image, [torch.Generator().manual_seed(SEED)]), args.repeats, args.warmup)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_single_file(str(args.checkpoint), config=str(args.folder), subfolder="vae",
+                                         local_files_only=True, torch_dtype=torch.float32)  # fmt: skip
+
+    def encode():
+        with torch.no_grad():
+            return vae.encode(image).latent_dist.sample(torch.Generator().manual_seed(SEED))
+
+    return timed(encode, args.repeats, args.warmup)
 
 
 def task_image(args) -> dict:
@@ -378,7 +401,8 @@ def task_peak(args) -> dict:
     return {**result, "sides": sides}
 
 
-TASKS = {"load": task_load, "unet": task_unet, "vae": task_vae, "image": task_image, "lora": task_lora,
+TASKS = {"load": task_load, "unet": task_unet, "vae": task_vae, "encode": task_encode, "image": task_image,
+         "lora": task_lora,
          "peak": task_peak}  # fmt: skip
 
 

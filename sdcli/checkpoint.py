@@ -215,6 +215,7 @@ SDXL_CLIP_L = "conditioner.embedders.0.transformer.text_model."
 SDXL_BIGG = "conditioner.embedders.1.model."
 REFINER_BIGG = "conditioner.embedders.0.model."
 UNET_INPUT = UNET_PREFIX + "input_blocks.0.0.weight"
+INPAINT_INPUTS = 9  # an inpainting U-Net's input width: 4 latents, the mask, 4 masked-image latents
 
 
 @dataclass(frozen=True)
@@ -251,11 +252,12 @@ def detect_family(shapes: dict[str, tuple[int, ...]]) -> Family | None:
         return None
     shape = shapes.get(UNET_INPUT) or ()
     inputs = shape[1] if len(shape) > 1 else 4
-    if inputs != 4:
-        kind = "an inpainting U-Net (9 input channels)" if inputs == 9 else f"a U-Net with {inputs} input channels"
-        return Family(f"a checkpoint with {kind}, which sdcli does not render yet")
+    if inputs not in (4, INPAINT_INPUTS):
+        return Family(f"a checkpoint with a U-Net of {inputs} input channels, which sdcli does not render")
     if has(REFINER_BIGG) and not has(SDXL_CLIP_L):
         return Family("an SDXL refiner, which sdcli does not render")
+    if inputs == INPAINT_INPUTS:
+        return _inpainting_family(has)
     if has(SDXL_CLIP_L) and has(SDXL_BIGG):
         return Family("an SDXL checkpoint", "sdxl")
     if has(TEXT_PREFIXES["open_clip"]):
@@ -263,6 +265,18 @@ def detect_family(shapes: dict[str, tuple[int, ...]]) -> Family | None:
         return Family("an SD 2.x checkpoint (OpenCLIP text encoder; 512 base files need --config sd21-base)", "sd21-v")
     if has(TEXT_PREFIXES["hf_clip"]):
         return Family("an SD 1.x checkpoint (CLIP ViT-L text encoder)", "sd15")
+    return None
+
+
+def _inpainting_family(has) -> Family | None:
+    """Which inpainting model a 9-channel U-Net belongs to, by its text encoders (diffusers'
+    infer_diffusers_model_type: xl_inpaint, inpainting_v2, inpainting); SD 2's is the 512 epsilon one."""
+    if has(SDXL_CLIP_L) and has(SDXL_BIGG):
+        return Family("an SDXL inpainting checkpoint (9-channel U-Net)", "sdxl-inpainting")
+    if has(TEXT_PREFIXES["open_clip"]):
+        return Family("an SD 2 inpainting checkpoint (9-channel U-Net, OpenCLIP text encoder)", "sd2-inpainting")
+    if has(TEXT_PREFIXES["hf_clip"]):
+        return Family("an SD 1.x inpainting checkpoint (9-channel U-Net)", "sd15-inpainting")
     return None
 
 

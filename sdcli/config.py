@@ -58,7 +58,7 @@ class UNetConfig:
     head_dim: int | None = None  # fixed head width (SD 2.x: 64), heads = channels / head_dim
     transformer_depth: tuple[int, ...] = (1,)  # transformer blocks per spatial transformer: per level, or one for all
     linear_proj: bool = False  # proj_in/proj_out as Linear (SD 2.x) instead of 1x1 Conv (SD 1.x)
-    in_channels: int = 4  # latent channels in
+    in_channels: int = 4  # latent channels in; 9 for an inpainting U-Net (latents, mask, masked-image latents)
     out_channels: int = 4  # latent channels out
     norm_groups: int = 32  # GroupNorm groups everywhere in the U-Net
     adm_in_channels: int | None = None  # width of the extra conditioning vector `y` (SDXL: 2816), via label_emb
@@ -540,6 +540,11 @@ def _defaults_problem(cfg: Defaults) -> tuple[str, str] | None:
     return None
 
 
+def inpainting_channels(latent: int) -> int:
+    """An inpainting U-Net's input width: the latents, the mask, then the masked image's latents."""
+    return 2 * latent + 1
+
+
 def _model_problem(cfg: ModelConfig) -> tuple[str, str] | None:
     """The networks, schedule and defaults must fit together as the pipeline wires them."""
     widths = sum(text.width for text in cfg.text)
@@ -555,10 +560,14 @@ def _model_problem(cfg: ModelConfig) -> tuple[str, str] | None:
     if cfg.unet.adm_in_channels != vector:
         got = cfg.unet.adm_in_channels
         return "unet.adm_in_channels", f"must be the conditioning vector's width {vector}, got {got}"
-    for name in ("in_channels", "out_channels"):
-        if getattr(cfg.unet, name) != cfg.vae.latent_channels:
-            latent = cfg.vae.latent_channels
-            return f"unet.{name}", f"must equal vae.latent_channels {latent}, got {getattr(cfg.unet, name)}"
+    latent = cfg.vae.latent_channels
+    if cfg.unet.out_channels != latent:
+        return "unet.out_channels", f"must equal vae.latent_channels {latent}, got {cfg.unet.out_channels}"
+    if cfg.unet.in_channels not in (latent, inpainting_channels(latent)):
+        return "unet.in_channels", (
+            f"must be vae.latent_channels {latent}, or {inpainting_channels(latent)} for an inpainting U-Net, "
+            f"got {cfg.unet.in_channels}"
+        )
     for name in ("width", "height"):
         if getattr(cfg.defaults, name) % cfg.vae.downsample:
             factor, side = cfg.vae.downsample, getattr(cfg.defaults, name)

@@ -126,7 +126,11 @@ FIELDS: dict[str, Rule] = {
     "Skip Early CFG": _unsupported("A1111 (Forge) skipped guidance in the first steps", 0.0),
     "Token merging ratio": _unsupported("token merging (ToMe) approximates attention; sdcli's is exact", 0.0),
     "Token merging ratio hr": _unsupported("token merging in the hires pass; sdcli has no hires fix", 0.0),
-    "Denoising strength": _unsupported("the strength of an img2img or hires-fix pass; sdcli renders txt2img only"),
+    "Denoising strength": _unsupported("an img2img pass's strength; its init image is not in the infotext: "
+                                       "re-render with --init-image and --strength"),  # a hires pass's: _hires
+    "Hires upscale": _request("hires_scale"),
+    "Hires steps": _request("hires_steps (0: as Steps)"),
+    "Hires upscaler": _request("hires_upscale: Latent is latent, Lanczos lanczos (others: see _hires)"),
     "First pass size": _unsupported("the first pass of A1111's old hires fix; sdcli has no hires fix"),
     "Face restoration": _unsupported("sdcli restores no faces (GFPGAN/CodeFormer)"),
     "Tiling": _unsupported("sdcli renders no tileable images", "False"),
@@ -156,7 +160,7 @@ FIELDS: dict[str, Rule] = {
     "Masked content": _unsupported(NO_IMG2IMG),
 }  # fmt: skip
 PREFIX_RULES: tuple[tuple[str, Rule], ...] = (
-    ("Hires ", _unsupported("a hires-fix setting; sdcli has no hires fix, so this is the first pass only")),
+    ("Hires ", _unsupported("a hires-fix setting sdcli does not take; its hires pass uses the first pass's")),
     ("ADetailer ", _unsupported("an ADetailer pass; sdcli runs none")),
     ("ControlNet", _unsupported("ControlNet is not supported")),
     ("Refiner", _unsupported("a refiner model; sdcli runs none")),
@@ -390,8 +394,11 @@ def request_values(info: Infotext) -> tuple[dict, list[str]]:
     sampler = _sdcli_sampler(fields, warnings)
     if sampler is not None:
         values["sampler"] = sampler
+    consumed = _hires(fields, values, warnings)
     for key, value in fields.items():
         rule = _rule(key)
+        if key in consumed:
+            continue
         if rule is None:
             warnings.field(key, value, UNKNOWN_REASON)
         elif rule.effect == "unsupported" and not _is_same(value, rule.same):
@@ -405,6 +412,29 @@ def request_values(info: Infotext) -> tuple[dict, list[str]]:
         warnings.add("Emphasis 'None' with BREAK: A1111 still splits there; sdcli's plain syntax reads the word")
     _version_notes(info, warnings)
     return values, warnings.result()
+
+
+HIRES_UPSCALERS = {"Latent": "latent", "Lanczos": "lanczos"}  # A1111's names of the upscalers sdcli runs
+
+
+def _hires(fields: dict[str, str], values: dict, warnings: _Warnings) -> set[str]:
+    """A1111's hires fix as sdcli's hires fields, when the infotext has one (`Hires upscale`); the keys read.
+    Its `Denoising strength` is then the hires pass's. An upscaler sdcli lacks (an ESRGAN model, another latent
+    mode) is replaced by the nearest of its own, with a warning."""
+    if "Hires upscale" not in fields:
+        return set()
+    values["hires_scale"] = _decimal("Hires upscale", fields["Hires upscale"])
+    if "Hires steps" in fields:
+        values["hires_steps"] = _whole("Hires steps", fields["Hires steps"])
+    if "Denoising strength" in fields:
+        values["hires_strength"] = _decimal("Denoising strength", fields["Denoising strength"])
+    written = fields.get("Hires upscaler", "Latent").strip()  # A1111's default upscaler
+    upscaler = HIRES_UPSCALERS.get(written)
+    if upscaler is None:
+        upscaler = "latent" if written.startswith("Latent") else "lanczos"
+        warnings.field("Hires upscaler", written, f"sdcli has Latent (bilinear) and Lanczos; {upscaler} used")
+    values["hires_upscale"] = upscaler
+    return {"Hires upscale", "Hires steps", "Hires upscaler", "Denoising strength"}
 
 
 def _sdcli_sampler(fields: dict[str, str], warnings: _Warnings) -> str | None:

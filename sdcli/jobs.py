@@ -22,7 +22,7 @@ from sdcli.config import ModelConfig, _suggest
 from sdcli.errors import RequestError
 from sdcli.extra_networks import Library, embeddings_in, locate, take_lora_tags
 from sdcli.outputs import DEFAULT_NAME, config_reference, load_existing, name_stem, recipe
-from sdcli.request import ITEM_ONLY_TYPES, Request, build_request, check_request, file_uses, item_types
+from sdcli.request import ITEM_ONLY_TYPES, Request, build_request, check_request, file_uses, item_types, padding
 from sdcli.text_limits import clip
 
 T = TypeVar("T", "Planned", "Target")
@@ -239,7 +239,8 @@ def make_item(value: Any, where: str, position: int, base: Path | None = None) -
             raise RequestError(
                 f"{where}: unknown key {clip(str(key))}{_suggest(str(key), ITEM_TYPES)}; keys: {', '.join(ITEM_TYPES)}"
             )
-        if isinstance(raw, bool) or not isinstance(raw, (int, float) if kind is float else kind):
+        accepted = {float: (int, float), list: (list, str)}.get(kind, kind)  # one file may stand for a list
+        if isinstance(raw, bool) or not isinstance(raw, accepted):
             expected = {str: "text", int: "an integer", float: "a number", list: "a list of files"}[kind]
             shown = clip(json.dumps(raw, default=str), quote=False)
             raise RequestError(f"{where}: '{key}' must be {expected}, got {shown}")
@@ -283,7 +284,12 @@ def plan(
         prefix = f"{item.where}: " if item.where else ""
         for i in range(merged.get("count", 1)):
             given = {key: value for key, value in merged.items() if key not in ITEM_ONLY_TYPES}
-            request = build_request({**given, "prompt": item.values["prompt"], "seed": base + i}, config)
+            values = {**given, "prompt": item.values["prompt"], "seed": base + i}
+            try:
+                values = {**_init_image_size(values, config), **values}  # a size given wins
+            except RequestError as exc:
+                raise RequestError(f"{prefix}{exc}") from None
+            request = build_request(values, config)
             try:
                 request = _with_networks(request, library)
                 check_request(request, config)
@@ -299,6 +305,32 @@ def plan(
             owners[stem] = item.where
             planned.append(Planned(item.where, first_index + len(planned), request, stem, template))
     return planned
+
+
+def _init_image_size(values: dict[str, Any], config: ModelConfig) -> dict[str, int]:
+    """Without a width and height, an init image's own size, down to the model's multiple (as diffusers'
+    image processor sizes it), grown by the outpainting pad; {} without an init image."""
+    uses = file_uses(values.get("init_image", ()), "init_image")
+    if not uses or ("width" in values and "height" in values):
+        return {}
+    from PIL import Image
+
+    from sdcli.images import read_image
+
+    step = config.vae.downsample
+    try:
+        with Image.open(uses[0].file) as image:
+            width, height = image.size
+            if image.getexif().get(ORIENTATION_TAG) in SIDEWAYS:  # read_image turns it upright
+                width, height = height, width
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        read_image(uses[0].file)  # its one-line error
+        raise
+    left, top, right, bottom = padding(values["pad"], step) if values.get("pad") else (0, 0, 0, 0)
+    return {"width": width // step * step + left + right, "height": height // step * step + top + bottom}
+
+
+ORIENTATION_TAG, SIDEWAYS = 0x0112, (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def _with_networks(request: Request, library: Library) -> Request:

@@ -231,6 +231,7 @@ def infotext(meta: dict[str, Any]) -> str:
         "CFG scale": meta["guidance"],
         "Seed": meta["seed"],
         "Size": f"{meta['width']}x{meta['height']}",
+        **_image_settings(recipe),
         "Clip skip": recipe["clip_skip"] if recipe["clip_skip"] > 1 else None,  # as A1111: only when set
         # A1111's emphasis "None" reads brackets literally, like sdcli's plain syntax (which also cuts at 75)
         "Emphasis": "None" if recipe["prompt_syntax"] == "plain" else None,
@@ -246,6 +247,19 @@ def infotext(meta: dict[str, Any]) -> str:
     pairs = (f"{key}: {_quote(str(value))}" for key, value in settings.items() if value is not None)
     lines.append(", ".join(pairs))
     return "\n".join(lines)
+
+
+def _image_settings(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A1111's img2img and hires-fix fields: its `Denoising strength` is the img2img pass's, or the hires pass's."""
+    hires = recipe["hires_scale"] != 1
+    strength = recipe["strength"] if recipe["init_image"] else recipe["hires_strength"] if hires else None
+    return {
+        "Denoising strength": strength,
+        "Mask blur": recipe["mask_blur"] if recipe["mask"] else None,
+        "Hires upscale": recipe["hires_scale"] if hires else None,
+        "Hires steps": recipe["hires_steps"] if hires and recipe["hires_steps"] else None,
+        "Hires upscaler": {"latent": "Latent", "lanczos": "Lanczos"}[recipe["hires_upscale"]] if hires else None,
+    }
 
 
 def _short_hashes(uses: tuple[FileUse, ...]) -> str | None:

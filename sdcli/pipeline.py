@@ -5,6 +5,7 @@ Each stage is a short tensor-in, tensor-out method so it can be tested alone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -13,18 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from sdcli import inpaint
 from sdcli.config import ModelConfig
 from sdcli.embeddings import Embedding, check_fits, read_embedding
 from sdcli.errors import RequestError
 from sdcli.hashing import cache_dir
-from sdcli.nets.bands import decode_in_bands
+from sdcli.images import image_tensor, pixels, read_image, to_pil
+from sdcli.nets.bands import decode_in_bands, encode_in_bands
 from sdcli.nets.text import Tokenizer
 from sdcli.nets.unet import timestep_embedding
 from sdcli.prompt_chunks import CHUNK_TOKENS, Chunk, Trigger, chunk_prompt
 from sdcli.request import Request, check_request
-from sdcli.samplers import sample
+from sdcli.samplers import evaluations, per_image_noise, sample, start_step
 from sdcli.weights import Components, load_components, vae_dtype
 
 log = logging.getLogger("sdcli")
@@ -303,16 +307,12 @@ class Pipeline:
                 parts.append(timestep_embedding(numbers.flatten(), dim).reshape(len(requests), 2 * dim))
         return torch.cat(parts, dim=1)
 
-    def initial_noise(self, requests: Sequence[Request]) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """Per-image seeded CPU noise, so an image re-renders alone and on any device."""
-        factor = self.config.vae.downsample
-        generators, noise = [], []
-        for r in requests:
-            g = torch.Generator("cpu").manual_seed(r.seed)
-            shape = (1, self.config.unet.in_channels, r.height // factor, r.width // factor)
-            noise.append(torch.randn(shape, generator=g, dtype=torch.float32))
-            generators.append(g)
-        return torch.cat(noise).to(self.device, self.dtype), generators
+    def initial_noise(self, requests: Sequence[Request], generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Per-image seeded CPU noise of the requests' latent size, so an image re-renders alone and on any device."""
+        factor, first = self.config.vae.downsample, requests[0]
+        shape = (1, self.config.vae.latent_channels, first.height // factor, first.width // factor)
+        noise = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+        return torch.cat(noise).to(self.device, self.dtype)
 
     def guided_model(self, cond: Conditioning, uncond: Conditioning | None, guidance: float) -> Callable:
         """The U-Net with classifier-free guidance in one batched call: (uncond, cond) in, combined out."""
@@ -342,22 +342,97 @@ class Pipeline:
         return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
 
     @torch.inference_mode()
+    def encode(self, images: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> latents times the scale factor, in the U-Net's dtype: each a sample of
+        its posterior drawn from its image's generator (diffusers' retrieve_latents, sample mode), encoded in bands
+        of rows as decode decodes."""
+        vae = self.nets.vae
+        x = images.to(self.device, next(vae.parameters()).dtype).contiguous(memory_format=self.vae_layout)
+        mean, logvar = encode_in_bands(vae, x)
+        z = mean + torch.exp(0.5 * logvar) * per_image_noise(list(generators), mean)
+        return z.to(self.dtype) * self.config.vae.scale_factor
+
+    def init_images(self, requests: Sequence[Request]) -> torch.Tensor:
+        """Each request's init image, read and resized to its size: (B, 3, H, W) in [-1, 1]."""
+        return torch.cat([image_tensor(read_image(r.init_image[0].file), r.width, r.height) for r in requests])
+
+    @torch.inference_mode()
     def latents(self, requests: Sequence[Request], on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Run the sampler for requests that share steps, guidance, sampler and size."""
+        """Run the sampler for requests that share Request.batch_key(): from noise, or from each one's init image,
+        then the hires pass where asked. on_step counts the evaluations of both passes together."""
         first = requests[0]
         if any(r.batch_key() != first.batch_key() for r in requests):
-            raise RequestError("requests in one batch must share steps, guidance, sampler and size")
+            raise RequestError("requests in one batch must share steps, guidance, sampler, size and image inputs")
         for r in requests:
             check_request(r, self.config)
+        start = start_step(first.steps, first.strength, "strength") if first.init_image else 0
+        passes = [(requests, start)]
+        if first.hires_scale != 1:
+            hires = [self.hires_request(r) for r in requests]
+            passes.append((hires, start_step(hires[0].steps, hires[0].strength, "hires strength")))
+        totals = [evaluations(first.sampler, rs[0].steps, s) for rs, s in passes]
+        generators = _generators(requests)
+        inpainting = None
+        if first.mask or first.pad:
+            inpainting = inpaint.inputs(requests, generators, self.encode, self.config, self.device, self.dtype)
+            init = inpainting.image_latents if first.strength < 1 else None  # at 1: from noise alone
+        else:
+            init = self.encode(self.init_images(requests), generators) if first.init_image else None
+        x = self.denoise(requests, generators, init, start, _pass_progress(on_step, totals, 0), inpainting)
+        if len(passes) == 1:
+            return x
+        # a second diffusers call: fresh generators of the same seeds, as A1111 re-seeds its hires pass
+        hires, hires_start = passes[1]
+        generators = _generators(hires)
+        init = self.upscale(x, hires, generators)
+        return self.denoise(hires, generators, init, hires_start, _pass_progress(on_step, totals, 1))
+
+    def denoise(self, requests: Sequence[Request], generators: Sequence[torch.Generator], init: torch.Tensor | None,
+                start: int, on_step: Callable[[int, int], None] | None,
+                inpainting: inpaint.Inpainting | None = None) -> torch.Tensor:  # fmt: skip
+        """One sampler run at the requests' size, from noise or (init) from step `start`; the noise is drawn after
+        the init latents' posterior sample, from the same generators, as diffusers' prepare_latents draws it
+        (for inpainting, in its own order: sdcli.inpaint)."""
+        first = requests[0]
         prompts = [r.prompt for r in requests]
         if first.guidance == 1.0:
             cond, uncond = self.conditioning(prompts, requests), None
         else:  # prompts and negatives through the text encoders in one batch
             both = self.conditioning(prompts + [r.negative for r in requests], [*requests, *requests])
             cond, uncond = both.split(len(requests))
-        noise, generators = self.initial_noise(requests)
-        model = self.guided_model(cond, uncond, first.guidance)
-        return sample(first.sampler, model, noise, first.steps, self.config.schedule, generators, on_step)
+        model, restore = self.guided_model(cond, uncond, first.guidance), None
+        if inpainting is None:
+            noise = self.initial_noise(requests, generators)
+        else:
+            noise = inpainting.noise
+            model, restore = inpaint.model_and_restore(model, inpainting)
+        return sample(first.sampler, model, noise, first.steps, self.config.schedule, list(generators), on_step, init,
+                      start, restore=restore)  # fmt: skip
+
+    def hires_request(self, request: Request) -> Request:
+        """The hires pass as an img2img request of its own: the upscaled size (each side int(side * scale), down to
+        the latent step, as A1111 sizes it), hires_steps (0: steps) at hires_strength. Its size also conditions
+        SDXL, as diffusers' img2img takes the size of the image it is given."""
+        step = self.config.vae.downsample
+        return dataclasses.replace(
+            request, width=int(request.width * request.hires_scale) // step * step,
+            height=int(request.height * request.hires_scale) // step * step, steps=request.hires_steps or request.steps,
+            strength=request.hires_strength, init_image=(), mask=(), pad="", hires_scale=1.0,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def upscale(
+        self, latents: torch.Tensor, hires: Sequence[Request], generators: Sequence[torch.Generator]
+    ) -> torch.Tensor:
+        """First-pass latents -> the hires pass's init latents. "latent": bilinearly resized in latent space (A1111's
+        default "Latent" upscaler, antialias off); "lanczos": decoded to 8-bit pixels, resized by PIL's Lanczos and
+        encoded again, its posterior sample drawn from `generators`."""
+        first, step = hires[0], self.config.vae.downsample
+        if first.hires_upscale == "latent":
+            size = (first.height // step, first.width // step)
+            return F.interpolate(latents, size=size, mode="bilinear", antialias=False)
+        images = [to_pil(p) for p in pixels(self.decode(latents))]
+        return self.encode(torch.cat([image_tensor(im, first.width, first.height) for im in images]), generators)
 
     def generate(
         self, requests: Sequence[Request], on_step: Callable[[int, int], None] | None = None
@@ -369,9 +444,22 @@ class Pipeline:
         latents = self.latents(requests, on_step)
         images = self.decode(latents)  # clamping keeps NaN, so both stages are checked
         finite = torch.isfinite(latents.flatten(1)).all(1).cpu() & torch.isfinite(images.flatten(1)).all(1)
-        pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
-        return [Image.fromarray(p) if ok else None for p, ok in zip(pixels, finite.tolist(), strict=True)]
+        return [to_pil(p) if ok else None for p, ok in zip(pixels(images), finite.tolist(), strict=True)]
 
+
+def _generators(requests: Sequence[Request]) -> list[torch.Generator]:
+    """Image i's CPU generator, seeded with its seed: every random draw of its render comes from it."""
+    return [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+
+
+def _pass_progress(
+    on_step: Callable[[int, int], None] | None, totals: Sequence[int], index: int
+) -> Callable[[int, int], None] | None:
+    """on_step as pass `index` of several calls it: evaluations counted over all the passes."""
+    if on_step is None:
+        return None
+    before, total = sum(totals[:index]), sum(totals)
+    return lambda done, _: on_step(before + done, total)
 
 
 def _emphasis(context: torch.Tensor, chunk: Chunk) -> torch.Tensor:

@@ -111,8 +111,8 @@ class Request:
     loras: tuple[FileUse, ...] = field(default=(), metadata=_shared(legacy=()))
     # textual-inversion files whose names the prompts use
     embeddings: tuple[FileUse, ...] = field(default=(), metadata={"legacy": ()})
-    # an image to start from (img2img; at most one), and how much of the schedule runs from it: 1 starts
-    # from noise at the first step, 0.3 keeps most of the picture
+    # an image to start from (img2img; at most one), and how much of the schedule runs from it: the last
+    # int(steps * strength) steps; 1 runs them all, from the init latents noised at full strength (as diffusers)
     init_image: tuple[FileUse, ...] = field(default=(), metadata={"legacy": ()})
     strength: float = field(default=0.75, metadata=_shared(legacy=0.75))  # A1111's default denoising strength
     mask: tuple[FileUse, ...] = field(default=(), metadata={"legacy": ()})  # white is repainted (inpainting)
@@ -125,8 +125,10 @@ class Request:
     hires_upscale: str = field(default="latent", metadata=_shared(legacy="latent"))
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one U-Net batch."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("shared"))
+        """Requests with equal keys can share one U-Net batch: the shared fields, and whether they start from
+        an image (and repaint part of it)."""
+        shared = tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("shared"))
+        return (*shared, bool(self.init_image), bool(self.mask))
 
 
 # Prompt-file keys that are not part of an image's recipe: how many images an item makes, and their names.
@@ -310,10 +312,20 @@ def _check_image_inputs(request: Request, config: ModelConfig) -> None:
         raise RequestError(
             f"unknown hires upscaler {request.hires_upscale[:40]!r}; valid: {', '.join(HIRES_UPSCALERS)}"
         )
-    given = [name for name, on in (("--init-image", request.init_image), ("--hires-scale", request.hires_scale != 1))
-             if on]  # fmt: skip
-    if given:
-        raise RequestError(f"{given[0]} is not supported yet")
+    if request.init_image:
+        steps_run(request.steps, request.strength, "strength")
+    if request.hires_scale != 1:
+        steps_run(request.hires_steps or request.steps, request.hires_strength, "hires strength")
+
+
+def steps_run(steps: int, strength: float, name: str = "strength") -> int:
+    """How many steps an img2img pass of `strength` runs (diffusers' get_timesteps): the last
+    min(int(steps * strength), steps) of the `steps`-step schedule; none is an error (`name` is the strength's)."""
+    kept = min(int(steps * strength), steps)
+    if kept < 1:
+        raise RequestError(f"{name} {strength:g} with {steps} steps runs no step: raise it to {1 / steps:.3g} or more, "
+                           "or the steps")  # fmt: skip
+    return kept
 
 
 def hires_side(side: int, scale: float, multiple: int = 8) -> int:

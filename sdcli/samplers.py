@@ -4,7 +4,9 @@ One forward process, two coordinates. VP: x_t = alpha*x0 + sigma_vp*eps, walked 
 VE (Karras et al. 2022): x = x_t/alpha = x0 + sigma*eps with sigma = sigma_vp/alpha, walked by Euler, Euler
 ancestral, Heun and LMS; the network then sees x/sqrt(sigma²+1) = x_t. `model(x_in, t)` is the raw network (eps
 or v, guidance already applied); the denoiser helpers below are the only place that knows which, and mirror
-diffusers' arithmetic so results agree to float rounding.
+diffusers' arithmetic so results agree to float rounding. A run starts from noise (txt2img) or, for img2img, from
+init latents noised to the level of a step part-way down the schedule, as each scheduler's add_noise does, and runs
+the schedule's remaining steps.
 """
 
 from __future__ import annotations
@@ -17,18 +19,46 @@ from torch import Tensor
 
 from sdcli.config import ScheduleConfig
 from sdcli.errors import RequestError
+from sdcli.request import steps_run
 from sdcli.sampler_registry import SAMPLER_SPECS
 from sdcli.schedules import (
     AlphaBarStep,
+    alphas_cumprod,
     ddim_alpha_bars,
     discrete_init_sigma,
     discrete_sigmas,
     dpm_sigmas,
     plms_alpha_bars,
+    plms_timesteps,
 )
 
 Model = Callable[[Tensor, Tensor], Tensor]  # (x_in, t) -> raw eps or v
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, sigma, t) -> x0, in VE coordinates
+Restore = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, alpha, sigma) -> x: inpainting's blend after a step
+After = Callable[[int, Tensor], Tensor]  # (i, x) -> x after diffusers' scheduler step i (one per timestep entry)
+
+
+def unchanged(i: int, x: Tensor) -> Tensor:
+    return x
+
+
+def after_steps(restore: Restore | None, levels: list[tuple[Tensor, Tensor]]) -> After:
+    """What follows scheduler step i: nothing, or `restore` at levels[i], the (alpha, sigma) of x = alpha*x0 +
+    sigma*eps that diffusers' add_noise gives the next timestep entry ((1, 0) after the last: x0 itself)."""
+    if restore is None:
+        return unchanged
+    return lambda i, x: restore(x, *levels[i])
+
+
+def ve_levels(sigmas: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """After each step of a VE run over `sigmas` (ending in 0): x0 + sigma_next*eps."""
+    return [(torch.ones(()), sigma) for sigma in sigmas[1:]]
+
+
+def vp_levels(alpha_bars: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """After each step of a DDIM/PNDM run: sqrt(alpha-bar)*x0 + sqrt(1-alpha-bar)*eps at the next entry's alpha-bar
+    (`alpha_bars`, one per entry but the first), x0 after the last."""
+    return [(a**0.5, (1 - a) ** 0.5) for a in alpha_bars] + [(torch.ones(()), torch.zeros(()))]
 
 
 def vp_predictions(out: Tensor, x: Tensor, alpha: Tensor, sigma: Tensor, prediction: str) -> tuple[Tensor, Tensor]:
@@ -110,7 +140,7 @@ def lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
 
 
 def sample_ddim(model: Model, x: Tensor, timesteps: Tensor, alpha_bars: list[AlphaBarStep], prediction: str,
-                clip: bool = False) -> Tensor:
+                clip: bool = False, after: After = unchanged) -> Tensor:
     """DDIM with eta = 0 (Song et al. 2021, eq. 12): predict x0 and eps at step i's first alpha-bar, then re-noise
     x0 to its second (see ddim_alpha_bars: the next timestep's only under "leading" spacing)."""
     for i, t in enumerate(timesteps):
@@ -118,16 +148,16 @@ def sample_ddim(model: Model, x: Tensor, timesteps: Tensor, alpha_bars: list[Alp
         denoised, eps = vp_predictions(model(x, t), x, alpha_bar**0.5, (1 - alpha_bar) ** 0.5, prediction)
         if clip:
             denoised = denoised.clamp(-1, 1)
-        x = alpha_bar_next**0.5 * denoised + (1 - alpha_bar_next) ** 0.5 * eps
+        x = after(i, alpha_bar_next**0.5 * denoised + (1 - alpha_bar_next) ** 0.5 * eps)
     return x
 
 
 def sample_plms(model: Model, x: Tensor, timesteps: Tensor, alpha_bars: list[AlphaBarStep], prediction: str,
-                correction: AlphaBarStep | None = None) -> Tensor:
-    """PLMS (Liu et al. 2022) as diffusers' PNDM with skip_prk_steps: a pseudo improved Euler first step, then
+                after: After = unchanged) -> Tensor:
+    """PLMS (Liu et al. 2022) as diffusers' PNDM with skip_prk_steps, over its evaluation timesteps (plms_timesteps):
     Adams-Bashforth over past network outputs, each step moved by the PNDM transfer, eq. (9), between its two
-    alpha-bars; the first step's correction restarts from the first x and moves by `correction` (plms_alpha_bars;
-    the first step's own alpha-bars where None).
+    alpha-bars (plms_alpha_bars); the second evaluation, at the first step's Euler end point, corrects that step:
+    the mean of its output and the first restarts from the first x, and never joins the history.
 
     diffusers combines the raw outputs and converts the combination to eps at the current x, also for v-prediction;
     so do we, to stay equal.
@@ -139,67 +169,71 @@ def sample_plms(model: Model, x: Tensor, timesteps: Tensor, alpha_bars: list[Alp
         denom = alpha_bar * (1 - alpha_bar_next) ** 0.5 + (alpha_bar * (1 - alpha_bar) * alpha_bar_next) ** 0.5
         return (alpha_bar_next / alpha_bar) ** 0.5 * x - (alpha_bar_next - alpha_bar) * eps / denom
 
-    history: list[Tensor] = []
+    first_x, history = x, []
     for i, t in enumerate(timesteps):
         out = model(x, t)
-        if i == 0 and len(timesteps) > 1:
-            # the output at the Euler end point only corrects this step; it never joins the history
-            out_end = model(transfer(x, alpha_bars[0], out), timesteps[1])
-            history.append(out)
-            x = transfer(x, alpha_bars[0] if correction is None else correction, (out_end + out) / 2)
+        if i == 1:
+            x = transfer(first_x, alpha_bars[1], (out + history[-1]) / 2)
         else:
             history = history[-3:] + [out]
             x = transfer(x, alpha_bars[i], adams_bashforth(history))
+        x = after(i, x)
     return x
 
 
-def sample_euler(denoise: Denoiser, x: Tensor, timesteps: Tensor, sigmas: Tensor) -> Tensor:
+def sample_euler(denoise: Denoiser, x: Tensor, timesteps: Tensor, sigmas: Tensor, after: After = unchanged) -> Tensor:
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Alg. 2 without churn)."""
     for i, t in enumerate(timesteps):
         d = to_d(x, sigmas[i], denoise(x, sigmas[i], t))
-        x = x + d * (sigmas[i + 1] - sigmas[i])
+        x = after(i, x + d * (sigmas[i + 1] - sigmas[i]))
     return x
 
 
 def sample_euler_ancestral(denoise: Denoiser, x: Tensor, timesteps: Tensor, sigmas: Tensor,
-                           generators: list[torch.Generator]) -> Tensor:
+                           generators: list[torch.Generator], after: After = unchanged) -> Tensor:
     """Euler ancestral: an Euler step down to sigma_down, then fresh per-image noise of std sigma_up."""
     for i, t in enumerate(timesteps):
         d = to_d(x, sigmas[i], denoise(x, sigmas[i], t))
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1])
         x = x + d * (sigma_down - sigmas[i])
         # drawn on the last step too (sigma_up = 0 there), so the generators end where diffusers leaves them
-        x = x + per_image_noise(generators, x) * sigma_up
+        x = after(i, x + per_image_noise(generators, x) * sigma_up)
     return x
 
 
-def sample_heun(denoise: Denoiser, x: Tensor, timesteps: Tensor, sigmas: Tensor) -> Tensor:
-    """Heun's method (Karras et al. 2022, Alg. 1 without churn); the last step, to sigma = 0, is Euler's."""
+def sample_heun(denoise: Denoiser, x: Tensor, timesteps: Tensor, sigmas: Tensor, after: After = unchanged) -> Tensor:
+    """Heun's method (Karras et al. 2022, Alg. 1 without churn); the last step, to sigma = 0, is Euler's. diffusers
+    steps its scheduler twice a step, the Euler end point and the corrected x, so `after` follows both."""
     for i, t in enumerate(timesteps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         d = to_d(x, sigma, denoise(x, sigma, t))
         dt = sigma_next - sigma
         if i + 1 == len(timesteps):
-            x = x + d * dt
+            x = after(2 * i, x + d * dt)
         else:
-            x_euler = x + d * dt
+            x_euler = after(2 * i, x + d * dt)
             d_next = to_d(x_euler, sigma_next, denoise(x_euler, sigma_next, timesteps[i + 1]))
-            x = x + (d + d_next) / 2 * dt
+            x = after(2 * i + 1, x + (d + d_next) / 2 * dt)
     return x
 
 
-def sample_lms(denoise: Denoiser, x: Tensor, timesteps: Tensor, sigmas: Tensor, order: int = 4) -> Tensor:
-    """Linear multistep in sigma: integrate the polynomial through the last `order` derivatives (k-diffusion LMS)."""
+def sample_lms(denoise: Denoiser, x: Tensor, timesteps: Tensor, sigmas: Tensor, start: int = 0,
+               order: int = 4, after: After = unchanged) -> Tensor:
+    """Linear multistep in sigma: integrate the polynomial through the last `order` derivatives (k-diffusion LMS),
+    from step `start` of the whole schedule. A step's coefficients are those of order min(i+1, order) at its place
+    i in the schedule, over the derivatives the run has so far (diffusers' LMSDiscreteScheduler after
+    set_begin_index: fewer than the order in an img2img run's first steps)."""
     sigma_list = sigmas.tolist()
     ds: list[Tensor] = []
-    for i, t in enumerate(timesteps):
-        ds = (ds + [to_d(x, sigmas[i], denoise(x, sigmas[i], t))])[-order:]
-        coeffs = [lms_coefficient(sigma_list, i, len(ds), j) for j in range(len(ds))]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True))
+    for i in range(start, len(timesteps)):
+        ds = (ds + [to_d(x, sigmas[i], denoise(x, sigmas[i], timesteps[i]))])[-order:]
+        coeffs = [lms_coefficient(sigma_list, i, min(i + 1, order), j) for j in range(len(ds))]
+        x = after(i - start, x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True)))
     return x
 
 
-def sample_dpmpp_2m(model: Model, x: Tensor, timesteps: Tensor, sigmas: Tensor, prediction: str) -> Tensor:
+def sample_dpmpp_2m(model: Model, x: Tensor, timesteps: Tensor, sigmas: Tensor, prediction: str,
+                    after: After = unchanged) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in VP coordinates, lambda = log(alpha/sigma_vp); first order on the
     first step and on the last (to sigma = 0), as diffusers does."""
     old_denoised = h_last = None
@@ -218,6 +252,7 @@ def sample_dpmpp_2m(model: Model, x: Tensor, timesteps: Tensor, sigmas: Tensor, 
                 - (alpha_t * (torch.exp(-h) - 1.0)) * denoised
                 - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * D1
             )
+        x = after(i, x)
         old_denoised, h_last = denoised, h
     return x
 
@@ -237,62 +272,114 @@ def _reporting(model: Model, device: torch.device, total: int, on_step: Callable
     return evaluate
 
 
-def run_ddim(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
+def vp_noised(init: Tensor, noise: Tensor, alpha_bar: Tensor) -> Tensor:
+    """init at noise level alpha-bar: sqrt(alpha-bar)*x0 + sqrt(1-alpha-bar)*eps (DDIM's and PNDM's add_noise)."""
+    return alpha_bar**0.5 * init + (1 - alpha_bar) ** 0.5 * noise
+
+
+def run_ddim(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators, init, start,
+             restore) -> Tensor:
     timesteps, alpha_bars = ddim_alpha_bars(steps, schedule)
-    return sample_ddim(model, noise, timesteps, alpha_bars, schedule.prediction_type, schedule.clip_sample)
+    x = noise if init is None else vp_noised(init, noise, alpha_bars[start][0])
+    after = after_steps(restore, vp_levels(alphas_cumprod(schedule)[timesteps[start + 1:].long()]))
+    return sample_ddim(model, x, timesteps[start:], alpha_bars[start:], schedule.prediction_type, schedule.clip_sample,
+                       after)
 
 
-def run_pndm(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
-    timesteps, alpha_bars, correction = plms_alpha_bars(steps, schedule)
-    return sample_plms(model, noise, timesteps, alpha_bars, schedule.prediction_type, correction)
+def run_pndm(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators, init, start,
+             restore) -> Tensor:
+    timesteps = plms_timesteps(steps, schedule)[start:]
+    alpha_bars = plms_alpha_bars(timesteps, steps, schedule)
+    x = noise if init is None else vp_noised(init, noise, alpha_bars[0][0])
+    after = after_steps(restore, vp_levels(alphas_cumprod(schedule)[timesteps[1:].long()]))
+    return sample_plms(model, x, timesteps, alpha_bars, schedule.prediction_type, after)
 
 
-def _run_dpm(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, karras: bool) -> Tensor:
+def _run_dpm(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, karras: bool, init, start,
+             restore) -> Tensor:
     timesteps, sigmas = dpm_sigmas(steps, schedule, karras=karras)
-    return sample_dpmpp_2m(model, noise, timesteps, sigmas, schedule.prediction_type)
+    if init is None:
+        x = noise
+    else:  # DPMSolverMultistep's add_noise: VP coordinates of the VE level sigma
+        alpha, sigma_vp = vp_coefficients(sigmas[start])
+        x = alpha * init + sigma_vp * noise
+    after = after_steps(restore, [vp_coefficients(sigma) for sigma in sigmas[start + 1:]])
+    return sample_dpmpp_2m(model, x, timesteps[start:], sigmas[start:], schedule.prediction_type, after)
 
 
-def run_dpmpp_2m(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
-    return _run_dpm(model, noise, steps, schedule, karras=False)
+def run_dpmpp_2m(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators, init, start,
+                 restore) -> Tensor:
+    return _run_dpm(model, noise, steps, schedule, False, init, start, restore)
 
 
-def run_dpmpp_2m_karras(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
-    return _run_dpm(model, noise, steps, schedule, karras=True)
+def run_dpmpp_2m_karras(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators, init,
+                        start, restore) -> Tensor:
+    return _run_dpm(model, noise, steps, schedule, True, init, start, restore)
 
 
-def _ve_start(noise: Tensor, steps: int, schedule: ScheduleConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Timesteps, sigmas and the starting x of the VE samplers: noise times diffusers' init_noise_sigma, the
-    largest sigma for "linspace"/"trailing" spacing, sqrt(sigma_max² + 1) for "leading"."""
+def _ve_start(noise: Tensor, steps: int, schedule: ScheduleConfig, init, start) -> tuple[Tensor, Tensor, Tensor]:
+    """Timesteps, sigmas and the starting x of the VE samplers. From noise: noise times diffusers' init_noise_sigma,
+    the largest sigma for "linspace"/"trailing" spacing, sqrt(sigma_max² + 1) for "leading". From init: init plus
+    noise times the start step's sigma (their add_noise; never init_noise_sigma, also at strength 1)."""
     timesteps, sigmas = discrete_sigmas(steps, schedule)
-    return timesteps, sigmas, noise * discrete_init_sigma(sigmas, schedule)
+    x = noise * discrete_init_sigma(sigmas, schedule) if init is None else init + noise * sigmas[start]
+    return timesteps, sigmas, x
 
 
-def run_euler(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
-    timesteps, sigmas, x = _ve_start(noise, steps, schedule)
-    return sample_euler(ve_denoiser(model, schedule.prediction_type), x, timesteps, sigmas)
+def run_euler(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators, init, start,
+              restore) -> Tensor:
+    timesteps, sigmas, x = _ve_start(noise, steps, schedule, init, start)
+    after = after_steps(restore, ve_levels(sigmas[start:]))
+    return sample_euler(ve_denoiser(model, schedule.prediction_type), x, timesteps[start:], sigmas[start:], after)
 
 
-def run_euler_ancestral(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
-    timesteps, sigmas, x = _ve_start(noise, steps, schedule)
-    return sample_euler_ancestral(ve_denoiser(model, schedule.prediction_type), x, timesteps, sigmas, generators)
+def run_euler_ancestral(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators, init,
+                        start, restore) -> Tensor:
+    timesteps, sigmas, x = _ve_start(noise, steps, schedule, init, start)
+    denoise = ve_denoiser(model, schedule.prediction_type)
+    after = after_steps(restore, ve_levels(sigmas[start:]))
+    return sample_euler_ancestral(denoise, x, timesteps[start:], sigmas[start:], generators, after)
 
 
-def run_heun(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
-    timesteps, sigmas, x = _ve_start(noise, steps, schedule)
-    return sample_heun(ve_denoiser(model, schedule.prediction_type, schedule.clip_sample), x, timesteps, sigmas)
+def run_heun(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators, init, start,
+             restore) -> Tensor:
+    timesteps, sigmas, x = _ve_start(noise, steps, schedule, init, start)
+    denoise = ve_denoiser(model, schedule.prediction_type, schedule.clip_sample)
+    levels = ve_levels(sigmas[start:])  # each but the last twice: the Euler end point and the corrected x
+    after = after_steps(restore, [level for level in levels[:-1] for _ in range(2)] + levels[-1:])
+    return sample_heun(denoise, x, timesteps[start:], sigmas[start:], after)
 
 
-def run_lms(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators) -> Tensor:
-    timesteps, sigmas, x = _ve_start(noise, steps, schedule)
-    return sample_lms(ve_denoiser(model, schedule.prediction_type), x, timesteps, sigmas)
+def run_lms(model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig, generators, init, start,
+            restore) -> Tensor:
+    timesteps, sigmas, x = _ve_start(noise, steps, schedule, init, start)
+    after = after_steps(restore, ve_levels(sigmas[start:]))
+    return sample_lms(ve_denoiser(model, schedule.prediction_type), x, timesteps, sigmas, start, after=after)
+
+
+def start_step(steps: int, strength: float, name: str = "strength") -> int:
+    """The step an img2img run of `strength` starts at: the `steps`-step schedule less the steps it runs."""
+    return steps - steps_run(steps, strength, name)
+
+
+def evaluations(sampler: str, steps: int, start: int = 0) -> int:
+    """Network evaluations of a `steps`-step run from step `start`: the registry's count less the start*order
+    timestep entries diffusers' get_timesteps drops, order being what one more step adds (Heun's 2, else 1)."""
+    spec = SAMPLER_SPECS[sampler]
+    order = spec.evaluations(steps + 1) - spec.evaluations(steps) if start else 0
+    return spec.evaluations(steps) - start * order
 
 
 def sample(sampler: str, model: Model, noise: Tensor, steps: int, schedule: ScheduleConfig,
-           generators: list[torch.Generator], on_step: Callable[[int, int], None] | None = None) -> Tensor:
-    """Denoise standard normal `noise` (B,C,h,w) with `sampler` in `steps` steps; returns the final latents.
+           generators: list[torch.Generator], on_step: Callable[[int, int], None] | None = None,
+           init: Tensor | None = None, start: int = 0, restore: Restore | None = None) -> Tensor:
+    """Denoise standard normal `noise` (B,C,h,w) with `sampler` in `steps` steps; returns the final latents. With
+    `init` (img2img: scaled latents like noise), the run starts at step `start` (start_step) from init noised to that
+    step's level as the diffusers scheduler's add_noise does it. `restore` (4-channel inpainting) follows every
+    scheduler step diffusers takes, given x's level there (after_steps).
 
     `model(x_in, t)` gets the scaled input and a 0-dim float32 timestep on x's device; on_step(i, n) follows
-    network evaluation i of n (SamplerSpec.evaluations). Only euler_a draws noise, image i's from generators[i].
+    network evaluation i of n (evaluations). Only euler_a draws noise, image i's from generators[i].
     """
     spec = SAMPLER_SPECS.get(sampler)
     if spec is None:
@@ -301,5 +388,7 @@ def sample(sampler: str, model: Model, noise: Tensor, steps: int, schedule: Sche
         raise RequestError(f"steps must be between 1 and {schedule.num_train_timesteps}, got {steps}")
     if len(generators) != noise.shape[0]:
         raise ValueError(f"{len(generators)} generators for a batch of {noise.shape[0]}")
-    model = _reporting(model, noise.device, spec.evaluations(steps), on_step)
-    return spec.function()(model, noise, steps, schedule, generators)
+    if not 0 <= start < steps or (start and init is None):
+        raise ValueError(f"cannot start at step {start} of {steps} ({'with' if init is not None else 'without'} init)")
+    model = _reporting(model, noise.device, evaluations(sampler, steps, start), on_step)
+    return spec.function()(model, noise, steps, schedule, generators, init, start, restore)

@@ -115,16 +115,24 @@ def alpha_bar(t: int, table: Tensor, schedule: ScheduleConfig) -> Tensor:
     return torch.tensor(1.0) if schedule.set_alpha_to_one else table[0]
 
 
-def plms_alpha_bars(steps: int, schedule: ScheduleConfig) -> tuple[Tensor, list[AlphaBarStep], AlphaBarStep | None]:
-    """PNDM's timesteps and steps as ddim_alpha_bars, plus the step its first (pseudo improved Euler) correction
-    takes: diffusers restarts from the first x, moving from alpha-bar(t_1 + N//steps) to alpha-bar(t_1), which is
-    the first step again only when leading. None for a single step, which has no correction."""
-    timesteps, alpha_bars = ddim_alpha_bars(steps, schedule)
-    if steps == 1:
-        return timesteps, alpha_bars, None
-    t_1 = int(timesteps[1])
-    table = alphas_cumprod(schedule)
-    return timesteps, alpha_bars, (alpha_bar(t_1 + schedule.num_train_timesteps // steps, table, schedule), table[t_1])
+def plms_timesteps(steps: int, schedule: ScheduleConfig) -> Tensor:
+    """PNDM's evaluation timesteps (diffusers' plms_timesteps, skip_prk_steps): the DDIM ones with the second
+    repeated, since the first step's correction evaluates there and so does the next step; one for one step."""
+    timesteps, _ = ddim_alpha_bars(steps, schedule)
+    return timesteps if steps == 1 else torch.cat([timesteps[:2], timesteps[1:]])
+
+
+def plms_alpha_bars(timesteps: Tensor, steps: int, schedule: ScheduleConfig) -> list[AlphaBarStep]:
+    """The move after each evaluation of a PNDM run over `timesteps` (plms_timesteps, perhaps cut at an img2img
+    start): alpha-bar(t) to alpha-bar(t - N//steps); the run's second evaluation corrects its first step, which
+    diffusers' step_plms (counter 1) restarts from the first x, moving from alpha-bar(t + N//steps) to
+    alpha-bar(t). Cut past its repeat, the schedule keeps that arithmetic, as diffusers does."""
+    ratio, table = schedule.num_train_timesteps // steps, alphas_cumprod(schedule)
+    moves = []
+    for i, t in enumerate(int(t) for t in timesteps):
+        start, end = (t + ratio, t) if i == 1 else (t, t - ratio)
+        moves.append((alpha_bar(start, table, schedule), alpha_bar(end, table, schedule)))
+    return moves
 
 
 def interpolate(x: Tensor, table: Tensor) -> Tensor:

@@ -332,7 +332,7 @@ def test_a_range_error_names_the_key_its_line_and_the_value():
         ("tiny", "text", {"mlp_ratio": 0.01}, "'text.mlp_ratio' makes the MLP 0 wide"),
         ("sd15", "text", {"context_length": 1}, "'text.context_length' must be at least 3"),
         ("sd15", "unet", {"context_dim": 512}, "'unet.context_dim' must equal the text encoders' widths together, 768"),
-        ("sd15", "unet", {"in_channels": 9}, "'unet.in_channels' must equal vae.latent_channels 4"),
+        ("sd15", "unet", {"in_channels": 5}, "'unet.in_channels' must be vae.latent_channels 4, or 9 for an"),
         ("sd15", "unet", {"out_channels": 8}, "'unet.out_channels' must equal vae.latent_channels 4"),
         ("sd15", "unet", {"norm_groups": 48}, "'unet' level 0 has 320 channels, not divisible by norm_groups 48"),
         (

@@ -117,11 +117,16 @@ def test_webui_110_request_values_and_one_warning_per_field():
         "model_hash": "6ce0161689",
         "model": "v1-5-pruned-emaonly",
         "sampler": "dpmpp_2m_karras",
+        # the hires fix, its Denoising strength the hires pass's; an ESRGAN upscaler becomes Lanczos (warned)
+        "hires_scale": 2.0,
+        "hires_steps": 15,
+        "hires_strength": 0.45,
+        "hires_upscale": "lanczos",
     }
     unhonoured = [
-        "Denoising strength", "ADetailer model", "ADetailer confidence", "ADetailer dilate erode",
+        "ADetailer model", "ADetailer confidence", "ADetailer dilate erode",
         "ADetailer mask blur", "ADetailer denoising strength", "ADetailer inpaint only masked",
-        "ADetailer inpaint padding", "ADetailer version", "Hires upscale", "Hires steps", "Hires upscaler",
+        "ADetailer inpaint padding", "ADetailer version", "Hires upscaler",
     ]  # fmt: skip
     for key in unhonoured:
         assert len(_warned(warnings, key + " ")) == 1, (key, warnings)
@@ -677,3 +682,20 @@ def test_find_model(weights, tmp_path):
         raise AssertionError("a legacy hash needs no full SHA-256")
 
     assert find_model(legacy_model_hash(weights), [other, weights], never) == weights
+
+
+@pytest.mark.parametrize("upscaler, written", [("latent", "Latent"), ("lanczos", "Lanczos")])
+def test_a_hires_recipe_round_trips_through_its_infotext(tiny_config, upscaler, written):
+    from sdcli.outputs import build_metadata, infotext
+    from sdcli.request import Request
+
+    request = Request("a fox", "", 5, 20, 7.0, "euler", 32, 32, hires_scale=1.5, hires_steps=8,
+                      hires_strength=0.55, hires_upscale=upscaler)  # fmt: skip
+    meta = build_metadata(request, config=tiny_config, weights=Path("/w/m.safetensors"), weights_sha256="0" * 64,
+                          device="cpu", dtype="fp32", batch_size=1, elapsed=0.0, threads=1)  # fmt: skip
+    text = infotext(meta)
+    assert f"Denoising strength: 0.55, Hires upscale: 1.5, Hires steps: 8, Hires upscaler: {written}" in text
+    values, warnings = request_values(parse_infotext(text))
+    assert (values["hires_scale"], values["hires_steps"], values["hires_strength"], values["hires_upscale"]) == (
+        1.5, 8, 0.55, upscaler)  # fmt: skip
+    assert not [w for w in warnings if "Hires" in w or "Denoising" in w]

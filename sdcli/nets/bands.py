@@ -1,11 +1,13 @@
-"""The VAE decoder run over horizontal bands of rows, so memory stays flat as images grow.
+"""The VAE decoder and encoder run over horizontal bands of rows, so memory stays flat as images grow.
 
 A whole-image decode holds several full-resolution activations at once (a norm output, its SiLU, a conv
 input copy); at 1024x1024 that is gigabytes. Here every 3x3 conv reads its input band plus one halo row
 above and below, GroupNorm uses statistics of the whole image (gathered band by band as each map is made,
 so they are known before the next layer starts), and res blocks write into memory the level already has.
 So the largest map, the last upsampling's output, is about all that is held, and the result equals
-`AutoencoderKL.decode` to float rounding: no tile seams, no approximation.
+`AutoencoderKL.decode` to float rounding: no tile seams, no approximation. The encoder goes the same way down:
+its first conv, res blocks and stride-2 downsampling convs band by band, the whole-image maps being its input
+resolution's two (a level's input and a res block's hidden map).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdcli.nets.layers import Upsample
-from sdcli.nets.vae import AutoencoderKL, Decoder, ResnetBlock
+from sdcli.nets.vae import AutoencoderKL, Decoder, Downsample, Encoder, ResnetBlock
 
 BAND_PIXELS = 1 << 15  # output pixels per band: convs stay as fast as whole-image ones, temporaries stay ~50 MB
 
@@ -24,6 +26,12 @@ def decode_in_bands(vae: AutoencoderKL, z: Tensor, band_pixels: int = BAND_PIXEL
     """Raw latent (B, C, h, w) -> image, equal to `vae.decode(z)`; one image and one band of rows at a time."""
     z = vae.post_quant_conv(z)
     return torch.cat([_decode_one(vae.decoder, z[i : i + 1], band_pixels) for i in range(z.shape[0])])
+
+
+def encode_in_bands(vae: AutoencoderKL, x: Tensor, band_pixels: int = BAND_PIXELS) -> tuple[Tensor, Tensor]:
+    """Image (B, 3, H, W) in [-1, 1] -> the posterior's (mean, logvar), equal to `vae.encode(x)`; one image and
+    one band of rows at a time."""
+    return vae.posterior(torch.cat([_encode_one(vae.encoder, x[i : i + 1], band_pixels) for i in range(x.shape[0])]))
 
 
 class Moments:
@@ -84,6 +92,52 @@ def _decode_one(decoder: Decoder, z: Tensor, band_pixels: int) -> Tensor:
     for top, bottom in _bands(h, band_pixels):
         out[:, :, top:bottom] = _conv_rows(decoder.conv_out, h, top, bottom, norm, stats)
     return out
+
+
+def _encode_one(encoder: Encoder, x: Tensor, band_pixels: int) -> Tensor:
+    """Encoder.forward for one image, maps larger than a band going through the banded layers."""
+    norm = encoder.norm_out
+    groups = norm.num_groups  # every GroupNorm of the encoder has VAEConfig.norm_groups
+    h, moments = _conv_in(encoder.conv_in, x, groups, band_pixels)
+    for level in encoder.down:
+        h, moments = _level(level.block, h, moments, groups, band_pixels)
+        if isinstance(level.downsample, Downsample):
+            h = _compact(h)
+            if _fits(h.shape, band_pixels):
+                h, moments = level.downsample(h), None
+            else:
+                h, moments = _downsample(level.downsample, h, groups, band_pixels)
+    h = encoder.mid(h)  # the lowest resolution: small, the attention needs it whole
+    if _fits(h.shape, band_pixels):
+        return encoder.conv_out(F.silu(norm(h)))
+    stats = Moments.of(h, groups, band_pixels).per_channel(h.shape[1], h.device)
+    out = _empty_like(h, encoder.conv_out.out_channels)
+    for top, bottom in _bands(h, band_pixels):
+        out[:, :, top:bottom] = _conv_rows(encoder.conv_out, h, top, bottom, norm, stats)
+    return out
+
+
+def _conv_in(conv: nn.Conv2d, x: Tensor, groups: int, band_pixels: int) -> tuple[Tensor, Moments | None]:
+    """`conv(x)` for a 3x3 conv with no norm before it, per band of output rows, gathering the output's moments."""
+    if _fits(x.shape, band_pixels):
+        return conv(x), None
+    out, moments = _empty_like(x, conv.out_channels), Moments(groups)
+    for top, bottom in _bands(x, band_pixels):
+        rows = x[:, :, max(top - 1, 0) : bottom + 1]
+        out[:, :, top:bottom] = moments.add(_conv_band(conv, rows, top == 0, bottom == x.shape[2]))
+    return out, moments
+
+
+def _downsample(down: Downsample, x: Tensor, groups: int, band_pixels: int) -> tuple[Tensor, Moments]:
+    """`down(x)`: a zero row and column after the last, then a stride-2 3x3 conv; output rows top:bottom read
+    input rows 2*top to 2*bottom, the zero row standing in for the one past x's bottom."""
+    size = ((x.shape[2] - 2) // 2 + 1, (x.shape[3] - 2) // 2 + 1)
+    out, moments = _empty_like(x, down.conv.out_channels, size), Moments(groups)
+    for top, bottom in _bands(out, band_pixels):
+        rows = x[:, :, 2 * top : 2 * bottom + 1]
+        rows = F.pad(rows, (0, 1, 0, 2 * (bottom - top) + 1 - rows.shape[2]))
+        out[:, :, top:bottom] = moments.add(F.conv2d(rows, down.conv.weight, down.conv.bias, stride=2))
+    return out, moments
 
 
 def _fits(shape, band_pixels: int) -> bool:

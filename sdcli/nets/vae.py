@@ -177,7 +177,11 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image in [-1, 1] -> the posterior's (mean, logvar), each (B, latent_channels, h, w), unscaled."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return self.posterior(self.encoder(x))
+
+    def posterior(self, moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's output -> the posterior's (mean, logvar), log-variance clamped as the LDM does."""
+        mean, logvar = self.quant_conv(moments).chunk(2, dim=1)
         return mean, logvar.clamp(*LOGVAR_RANGE)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

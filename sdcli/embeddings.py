@@ -14,6 +14,7 @@ match names before a model loads.
 
 from __future__ import annotations
 
+import functools
 import pickle
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -88,11 +89,17 @@ def used_names(texts: Iterable[str], available: dict[str, Path]) -> list[Path]:
     of a rare word's BPE pieces) is missed."""
     words = [_words(text) for text in texts]
     present = {word for text in words for word in text}
-    names = {name: _words(name) for name in available}
+    names = {name: _name_words(name) for name in available}
     return [
         path for name, path in available.items()
         if names[name] and names[name][0] in present and any(_contains(w, names[name]) for w in words)
     ]  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4096)
+def _name_words(name: str) -> list[str]:
+    """An embedding name's words, once per name however many prompts are planned."""
+    return _words(name)
 
 
 def _words(text: str) -> list[str]:

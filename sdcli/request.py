@@ -258,6 +258,8 @@ def check_request(request: Request, config: ModelConfig) -> Request:
                 f"embedding {Path(use.file).name[:60]}: an embedding takes no weight ({use.weight:g}); weight its "
                 "name in the prompt instead, as in (name:1.2)"
             )
+    if len(request.loras) > MAX_FILE_USES:
+        raise RequestError(f"{len(request.loras)} LoRAs for one image; at most {MAX_FILE_USES}")
     for use in request.loras:
         if not -MAX_LORA_WEIGHT <= use.weight <= MAX_LORA_WEIGHT:
             raise RequestError(

@@ -61,6 +61,11 @@ def test_bad_tags_are_one_line(tiny_config, folders, prompt, negative, message):
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_prompt_of_many_tags_is_refused(tiny_config, folders):
+    with pytest.raises(RequestError, match="65 LoRAs for one image; at most 64"):
+        planned(tiny_config, "x " + "<lora:style:0.1>" * 65, folders)
+
+
 def test_missing_lora_file_fails_at_planning(tiny_config, folders, tmp_path):
     with pytest.raises(RequestError, match="LoRA file not found: .*nope.safetensors"):
         planned(tiny_config, "x", folders, loras=[str(tmp_path / "nope.safetensors")])

@@ -282,16 +282,15 @@ def plan(
         base = seed_for(item) if base is None else base
         template = merged.get("name", DEFAULT_NAME)
         prefix = f"{item.where}: " if item.where else ""
+        given = {key: value for key, value in merged.items() if key not in ITEM_ONLY_TYPES}
+        try:  # what every image of the item shares: its size, files and tags are found once
+            values = {**_init_image_size(given, config), **given, "prompt": item.values["prompt"], "seed": base}
+            resolved = _with_networks(build_request(values, config), library)
+        except RequestError as exc:
+            raise RequestError(f"{prefix}{exc}") from None
         for i in range(merged.get("count", 1)):
-            given = {key: value for key, value in merged.items() if key not in ITEM_ONLY_TYPES}
-            values = {**given, "prompt": item.values["prompt"], "seed": base + i}
+            request = dataclasses.replace(resolved, seed=base + i)
             try:
-                values = {**_init_image_size(values, config), **values}  # a size given wins
-            except RequestError as exc:
-                raise RequestError(f"{prefix}{exc}") from None
-            request = build_request(values, config)
-            try:
-                request = _with_networks(request, library)
                 check_request(request, config)
                 stem = name_stem(template, request, index=first_index + len(planned), config=config_reference(config))
             except RequestError as exc:

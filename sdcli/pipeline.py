@@ -6,7 +6,6 @@ Each stage is a short tensor-in, tensor-out method so it can be tested alone.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -148,9 +147,11 @@ class Pipeline:
 
     def __init__(
         self, config: ModelConfig, weights: Path, nets: Components, device: torch.device, dtype: torch.dtype,
-        *, compile: bool = False,
+        *, compile: bool = False, allow_pickle: bool = False,
     ):  # fmt: skip
         self.config = config
+        self.allow_pickle = allow_pickle  # pickled embedding files are read (weights-only) as the checkpoint is
+        self._embedding_files: dict[str, Embedding] = {}  # read and checked once each, by path
         self.weights = weights
         self.nets = nets
         self.device = device
@@ -181,9 +182,7 @@ class Pipeline:
             config, path, torch_device, torch_dtype, allow_pickle=allow_pickle, unet_layout=unet_layout,
             vae_layout=vae_layout, vae=vae,
         )  # fmt: skip
-        pipe = cls(config, path, nets, torch_device, torch_dtype, compile=compile)
-        pipe.allow_pickle = allow_pickle  # embedding files follow the checkpoint's pickle policy
-        return pipe
+        return cls(config, path, nets, torch_device, torch_dtype, compile=compile, allow_pickle=allow_pickle)
 
     @property
     def device_name(self) -> str:
@@ -196,13 +195,6 @@ class Pipeline:
     @property
     def vae_dtype_name(self) -> str:
         return dtype_name(vae_dtype(self.config, self.dtype))
-
-    allow_pickle = False  # whether pickled embedding files are read (by torch's weights-only loader): load's choice
-
-    @functools.cached_property
-    def _embedding_files(self) -> dict[str, Embedding]:
-        """Embedding files read so far, by path: each is read and checked against the text encoders once."""
-        return {}
 
     def embeddings_of(self, request: Request) -> list[Embedding]:
         """The request's textual-inversion files, in its order, each once."""

@@ -284,8 +284,9 @@ def plan(
         prefix = f"{item.where}: " if item.where else ""
         given = {key: value for key, value in merged.items() if key not in ITEM_ONLY_TYPES}
         try:  # what every image of the item shares: its size, files and tags are found once
-            values = {**_init_image_size(given, config), **given, "prompt": item.values["prompt"], "seed": base}
+            values, picture = _read_pictures({**given, "prompt": item.values["prompt"], "seed": base}, config)
             resolved = _with_networks(build_request(values, config), library)
+            _check_mask(resolved, picture, config)
         except RequestError as exc:
             raise RequestError(f"{prefix}{exc}") from None
         for i in range(merged.get("count", 1)):
@@ -306,30 +307,35 @@ def plan(
     return planned
 
 
-def _init_image_size(values: dict[str, Any], config: ModelConfig) -> dict[str, int]:
-    """Without a width and height, an init image's own size, down to the model's multiple (as diffusers'
-    image processor sizes it), grown by the outpainting pad; {} without an init image."""
+def _read_pictures(values: dict[str, Any], config: ModelConfig) -> tuple[dict[str, Any], Any]:
+    """The item's values with the init image's own size where none is given (upright, as read; down to the
+    model's multiple as diffusers' image processor sizes it; grown by the outpainting pad), and the init image
+    as read (None without one), so a bad picture fails before the model loads."""
     uses = file_uses(values.get("init_image", ()), "init_image")
-    if not uses or ("width" in values and "height" in values):
-        return {}
-    from PIL import Image
+    if not uses:
+        return values, None
+    from sdcli.images import read_image  # torch and Pillow: only a job with pictures pays for them
 
-    from sdcli.images import read_image
-
+    picture = read_image(uses[0].file)
+    if "width" in values and "height" in values:
+        return values, picture
     step = config.vae.downsample
-    try:
-        with Image.open(uses[0].file) as image:
-            width, height = image.size
-            if image.getexif().get(ORIENTATION_TAG) in SIDEWAYS:  # read_image turns it upright
-                width, height = height, width
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        read_image(uses[0].file)  # its one-line error
-        raise
+    width, height = picture.size
     left, top, right, bottom = padding(values["pad"], step) if values.get("pad") else (0, 0, 0, 0)
-    return {"width": width // step * step + left + right, "height": height // step * step + top + bottom}
+    return {"width": width // step * step + left + right, "height": height // step * step + top + bottom,
+            **values}, picture  # fmt: skip
 
 
-ORIENTATION_TAG, SIDEWAYS = 0x0112, (5, 6, 7, 8)  # EXIF orientations that swap width and height
+def _check_mask(request: Request, picture: Any, config: ModelConfig) -> None:
+    """The mask (or outpainting border) prepared as the render will prepare it: unreadable or all black fails
+    here, before the model loads."""
+    if picture is None or not (request.mask or request.pad):
+        return
+    from sdcli.masks import prepare
+
+    mask = Path(request.mask[0].file) if request.mask else None
+    pad = padding(request.pad, config.vae.downsample) if request.pad else None
+    prepare(picture, mask, pad, request.mask_blur, request.width, request.height)
 
 
 def _with_networks(request: Request, library: Library) -> Request:

@@ -101,6 +101,8 @@ def test_batch_items_take_images_beside_the_prompt_file(cli, tiny_model, tmp_pat
         (lambda d: (d / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage"), ["--init-image", "{d}/bad.png"],
          "init image 'bad.png': "),
         (lambda d: picture(d / "i.png"), ["--init-image", "{d}/i.png", "--strength", "1.5"], "--strength must be in"),
+        (lambda d: (d / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage"), ["--init-image", "{d}/bad.png", "-W",
+         "32", "-H", "32"], "init image 'bad.png': "),
         (lambda d: mask_of(d / "m.png"), ["--mask", "{d}/m.png"], "--mask needs an --init-image"),
         (lambda d: (picture(d / "i.png"), mask_of(d / "m.png", fill=0)), ["--init-image", "{d}/i.png", "--mask",
          "{d}/m.png"], "no white"),
@@ -113,4 +115,5 @@ def test_bad_pictures_are_one_line_and_write_nothing(cli, tiny_model, tmp_path, 
     ran = cli("generate", "x", "-c", tiny_model, "-o", tmp_path / "out", *[a.format(d=tmp_path) for a in args])
     assert ran.code == 2 and ran.out == "", ran
     assert ran.err_lines[-1].startswith("sdcli: error: ") and message in ran.err_lines[-1], ran.err
+    assert not any("loading" in line for line in ran.err_lines), ran.err  # found at planning, before the model
     assert not (tmp_path / "out").exists() or pairs(tmp_path / "out") == []
